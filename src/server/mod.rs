@@ -1,0 +1,1 @@
+//! The update server: a watched directory of images served over HTTP.

@@ -1,0 +1,1 @@
+//! The on-box updater: the update engine, the box layout and the web API.
