@@ -160,6 +160,25 @@ impl Sha256Sums {
         Ok(sums)
     }
 
+    /// Checks that the regular files in `dir` are exactly those listed (SHA256SUMS aside), without
+    /// hashing them again.
+    pub fn verify_listing(&self, dir: &Path) -> Result<()> {
+        let mut found = Vec::new();
+        collect_regular_files(dir, dir, &mut found)?;
+        for path in &found {
+            if path != crate::image::SUMS_FILE && !self.entries.contains_key(path) {
+                bail!("{path} is not listed in SHA256SUMS");
+            }
+        }
+        let found: std::collections::HashSet<&String> = found.iter().collect();
+        for path in self.entries.keys() {
+            if !found.contains(path) {
+                bail!("{path} is listed in SHA256SUMS but missing");
+            }
+        }
+        Ok(())
+    }
+
     /// Checks `dir` against these sums: every listed file matches, and every regular file in the
     /// tree (but SHA256SUMS itself) is listed, so nothing unchecked rides along.
     pub fn verify_dir(&self, dir: &Path) -> Result<()> {

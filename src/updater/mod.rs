@@ -1,1 +1,12 @@
 //! The on-box updater: the update engine, the box layout and the web API.
+
+pub mod commands;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod layout;
+pub mod lock;
+pub mod log;
+pub mod states;
+pub mod status;
+pub mod web;

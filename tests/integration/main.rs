@@ -2,5 +2,7 @@
 
 mod util;
 
+mod box_updater;
 mod build_update;
+mod hostile_images;
 mod update_server;

@@ -200,3 +200,111 @@ pub fn tree(root: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Starts the real update-server over `dir` on a free port.
+pub fn start_update_server(dir: &Path) -> Running {
+    let port = free_port();
+    let mut child = cmd(UPDATE_SERVER)
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("starting update-server");
+    wait_for_port(port, &mut child);
+    Running { child, port }
+}
+
+/// A sandboxed box: its root, its config naming the server, and a recording reboot command.
+pub struct BoxUnderTest {
+    pub root: PathBuf,
+    pub config: PathBuf,
+    pub reboots: PathBuf,
+}
+
+impl BoxUnderTest {
+    pub fn new(dir: &Dir, name: &str, server: &str) -> Self {
+        let root = dir.mkdir(&format!("{name}/root"));
+        let config = dir.write(
+            &format!("{name}/box_config.json"),
+            format!("{{\"updates_ep\": \"{server}\", \"box_id\": 7, \"calibration\": {{\"gain\": 1.5}}}}\n"),
+        );
+        let reboots = dir.join(format!("{name}/reboots"));
+        BoxUnderTest {
+            root,
+            config,
+            reboots,
+        }
+    }
+
+    /// `box-updater <args> --root … --box-config … --reboot-command …`, fast retries.
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = cmd(BOX_UPDATER);
+        c.args(args)
+            .arg("--root")
+            .arg(&self.root)
+            .arg("--box-config")
+            .arg(&self.config)
+            .arg("--reboot-command")
+            .arg(format!("echo reboot >> '{}'", self.reboots.display()))
+            .args(["--retry-delay-ms", "50", "--network-timeout", "5"])
+            .env("RUST_LOG", "warn");
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        run(&mut self.cmd(args))
+    }
+
+    pub fn reboot_count(&self) -> usize {
+        std::fs::read_to_string(&self.reboots)
+            .map(|s| s.lines().count())
+            .unwrap_or(0)
+    }
+
+    pub fn current(&self) -> Option<String> {
+        std::fs::read_link(self.root.join("opt/opq/current"))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned())
+    }
+
+    pub fn current_version(&self) -> Option<u64> {
+        self.current()?
+            .strip_prefix("releases/opq-box-update-")?
+            .parse()
+            .ok()
+    }
+
+    pub fn releases(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.root.join("opt/opq/releases"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let o = self.run(&["status"]);
+        assert!(o.status.success(), "status failed: {}", stderr(&o));
+        serde_json::from_slice(&o.stdout).expect("status is JSON")
+    }
+
+    /// `current` points at a complete release: its SHA256SUMS passes.
+    pub fn assert_current_complete(&self) {
+        let cur = self.root.join("opt/opq/current");
+        assert!(
+            cur.join("SHA256SUMS").is_file(),
+            "current has no SHA256SUMS: {:?}",
+            self.current()
+        );
+        assert!(
+            sh_ok(&cur, "sha256sum -c --quiet SHA256SUMS"),
+            "current release fails its SHA256SUMS"
+        );
+    }
+}

@@ -1,0 +1,100 @@
+//! The `box-updater` subcommands on top of the engine: what each prints and its exit code.
+
+use anyhow::Result;
+use serde_json::json;
+
+use crate::updater::engine::{Engine, RunError, Source};
+use crate::updater::status::{Status, Step};
+
+/// Exit codes: distinct for failure, busy and usage (clap's 2).
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILED: i32 = 1;
+pub const EXIT_USAGE: i32 = 2;
+pub const EXIT_BUSY: i32 = 3;
+
+/// `box-updater status`: one JSON object with the installed version, the state and its message.
+pub fn status_json(engine: &Engine) -> serde_json::Value {
+    let s = engine.status.get();
+    let mut v = serde_json::to_value(&s).expect("status serializes");
+    let running = engine.lock().is_err();
+    let obj = v.as_object_mut().expect("status is an object");
+    obj.insert("version".into(), json!(engine.layout().installed_version()));
+    obj.insert("running".into(), json!(running));
+    obj.insert("log_tail".into(), json!(engine.log.tail(20)));
+    if !running && s.state.is_running() {
+        // The process that was updating is gone (killed or power cut): say so instead of
+        // claiming it still runs.
+        obj.insert("state".into(), json!(Step::Failed));
+        obj.insert(
+            "message".into(),
+            json!(format!(
+                "interrupted while {}: {}",
+                step_word(s.state),
+                s.message
+            )),
+        );
+    }
+    v
+}
+
+fn step_word(s: Step) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+        .replace('_', " ")
+}
+
+/// The exit code and the one line to print for an update's final status.
+pub fn outcome(status: &Status) -> (i32, String) {
+    let code = match status.state {
+        Step::UpToDate | Step::Rebooting | Step::Committed | Step::Idle => EXIT_OK,
+        _ => EXIT_FAILED,
+    };
+    (code, status.message.clone())
+}
+
+pub fn busy(e: RunError) -> (i32, String) {
+    (EXIT_BUSY, e.to_string())
+}
+
+pub fn update(engine: &Engine, force: bool) -> (i32, String) {
+    match engine.update(Source::Server { force }) {
+        Ok(s) => outcome(&s),
+        Err(e) => busy(e),
+    }
+}
+
+pub fn confirm(engine: &Engine) -> (i32, String) {
+    match engine.confirm() {
+        Ok(s)
+            if s.pending.is_none()
+                && s.state != Step::Committed
+                && s.state != Step::RolledBack
+                && s.state != Step::Failed =>
+        {
+            (EXIT_OK, "nothing to confirm".into())
+        }
+        Ok(s) => outcome(&s),
+        Err(e) => busy(e),
+    }
+}
+
+pub fn rollback(engine: &Engine) -> (i32, String) {
+    match engine.rollback("asked for by hand") {
+        Ok(s) => (
+            if s.state == Step::RolledBack {
+                EXIT_OK
+            } else {
+                EXIT_FAILED
+            },
+            s.message,
+        ),
+        Err(e) => busy(e),
+    }
+}
+
+pub fn check(engine: &Engine) -> Result<serde_json::Value> {
+    let offer = crate::updater::states::checking::check(engine)?;
+    Ok(serde_json::to_value(offer)?)
+}

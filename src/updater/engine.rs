@@ -1,0 +1,316 @@
+//! The update engine: settings, the loop that drives the state machine, and what the states
+//! share (the box layout, the status, the update log, the HTTP client, running commands).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::archive::unpack::Limits;
+use crate::fsutil::unix_now;
+use crate::image::Version;
+use crate::updater::http::{Http, HttpOptions};
+use crate::updater::layout::Layout;
+use crate::updater::lock::{LockError, UpdateLock};
+use crate::updater::log::UpdateLog;
+use crate::updater::states::{State, Transition};
+use crate::updater::status::{Outcome, Status, StatusStore, Step};
+
+#[derive(Clone)]
+pub struct Settings {
+    pub layout: Layout,
+    pub box_config: PathBuf,
+    pub public_key: Option<Arc<minisign::PublicKey>>,
+    pub allow_unverified: bool,
+    pub reboot_command: Option<String>,
+    pub health_check: Option<String>,
+    pub install_timeout: Duration,
+    pub health_timeout: Duration,
+    /// Boots without a confirmation after which the new release is rolled back.
+    pub max_boots: u32,
+    /// The most an image may expand to, whatever the free space.
+    pub max_expanded: u64,
+    /// Space always left free on the box's disk.
+    pub reserve: u64,
+    pub retries: u32,
+    pub retry_delay: Duration,
+    pub http: HttpOptions,
+    pub threads: usize,
+}
+
+impl Settings {
+    pub fn new(root: PathBuf) -> Self {
+        let layout = Layout::new(root);
+        Settings {
+            box_config: layout.default_box_config(),
+            layout,
+            public_key: None,
+            allow_unverified: false,
+            reboot_command: None,
+            health_check: None,
+            install_timeout: Duration::from_secs(600),
+            health_timeout: Duration::from_secs(120),
+            max_boots: 3,
+            max_expanded: 4 << 30,
+            reserve: 32 << 20,
+            retries: 5,
+            retry_delay: Duration::from_secs(1),
+            http: HttpOptions {
+                ca_file: None,
+                connect_timeout: Duration::from_secs(15),
+                read_timeout: Duration::from_secs(30),
+                user_agent: String::new(),
+            },
+            threads: crate::archive::pbzip::default_threads(),
+        }
+    }
+}
+
+/// Where an update's image comes from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The newest image on the box config's update server.
+    Server { force: bool },
+    /// An image file already on the box (an upload), with its signature if it came with one.
+    Local {
+        image: PathBuf,
+        file_name: String,
+        signature: Option<String>,
+        force: bool,
+    },
+}
+
+pub struct Engine {
+    pub settings: Settings,
+    pub status: StatusStore,
+    pub log: UpdateLog,
+    pub http: Http,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Busy(#[from] LockError),
+}
+
+impl Engine {
+    pub fn new(mut settings: Settings) -> Result<Self> {
+        let layout = &settings.layout;
+        layout.create_dirs().with_context(|| {
+            format!(
+                "cannot create the box layout under {}; check --root",
+                layout.root.display()
+            )
+        })?;
+        if settings.http.user_agent.is_empty() {
+            let installed = layout
+                .installed_version()
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "none".into());
+            settings.http.user_agent = format!(
+                "box-updater/{} (opq-box; installed {installed})",
+                env!("CARGO_PKG_VERSION")
+            );
+        }
+        let http = Http::new(&settings.http)?;
+        Ok(Engine {
+            status: StatusStore::load(layout.state_file()),
+            log: UpdateLog::new(layout.log_file()),
+            http,
+            settings,
+        })
+    }
+
+    pub fn layout(&self) -> &Layout {
+        &self.settings.layout
+    }
+
+    pub fn lock(&self) -> Result<UpdateLock, LockError> {
+        UpdateLock::try_acquire(&self.layout().lock_file())
+    }
+
+    /// Runs one update from `source` to its end under the lock; returns the final status.
+    pub fn update(&self, source: Source) -> Result<Status, RunError> {
+        let _lock = self.lock()?;
+        self.clean_leftovers();
+        self.status.update(|s| {
+            s.started_at = Some(unix_now());
+            s.bytes_done = 0;
+            s.bytes_total = None;
+            s.target_version = None;
+        });
+        let first = match source {
+            Source::Server { force } => State::checking(force),
+            Source::Local {
+                image,
+                file_name,
+                signature,
+                force,
+            } => State::local(image, file_name, signature, force),
+        };
+        Ok(self.drive(first))
+    }
+
+    /// After a boot: confirms a switched release, or rolls it back. Nothing pending: no-op.
+    pub fn confirm(&self) -> Result<Status, RunError> {
+        let _lock = self.lock()?;
+        self.clean_leftovers();
+        match self.status.get().pending {
+            Some(p) => Ok(self.drive(State::confirming(p))),
+            None => Ok(self.status.get()),
+        }
+    }
+
+    /// Switches back to the previous release by hand.
+    pub fn rollback(&self, reason: &str) -> Result<Status, RunError> {
+        let _lock = self.lock()?;
+        Ok(self.drive(State::rolling_back(self, reason)))
+    }
+
+    fn drive(&self, mut state: State) -> Status {
+        loop {
+            let step = state.step();
+            let message = state.describe();
+            let target = state.target();
+            self.status.update(|s| {
+                s.state = step;
+                s.message = message.clone();
+                if target.is_some() {
+                    s.target_version = target;
+                }
+            });
+            if !message.is_empty() {
+                self.log.info(&message);
+            }
+            let (next, transition) = state.handle(self);
+            state = next;
+            if transition == Transition::Stop {
+                let (step, message) = (state.step(), state.describe());
+                self.status.update(|s| {
+                    s.state = step;
+                    s.message = message;
+                });
+                return self.status.get();
+            }
+        }
+    }
+
+    /// Adds a finished update to the history.
+    pub fn record(&self, result: Step, from: Option<Version>, to: Option<Version>, message: &str) {
+        self.status.update(|s| {
+            s.record(Outcome {
+                at: unix_now(),
+                from,
+                to,
+                result,
+                message: message.to_string(),
+            })
+        });
+    }
+
+    /// Half-unpacked releases and link temp files from an interrupted run.
+    fn clean_leftovers(&self) {
+        let layout = self.layout();
+        let _ = std::fs::remove_file(layout.opq_dir().join(".current.new"));
+        if let Ok(rd) = std::fs::read_dir(layout.releases_dir()) {
+            for e in rd.flatten() {
+                if e.file_name().to_string_lossy().ends_with(".partial") {
+                    self.log.info(&format!(
+                        "removing unfinished {}",
+                        e.file_name().to_string_lossy()
+                    ));
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
+    /// Runs a shell command line in `cwd` with a time limit, its output into the update log.
+    pub fn run_logged(&self, what: &str, mut cmd: Command, timeout: Duration) -> Result<()> {
+        use std::os::unix::process::CommandExt;
+        let out = self.log.for_child().context("opening the update log")?;
+        let err = out.try_clone()?;
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {what}"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                if status.success() {
+                    return Ok(());
+                }
+                match status.code() {
+                    Some(code) => bail!("{what} failed with exit code {code}"),
+                    None => bail!("{what} was killed by a signal"),
+                }
+            }
+            if Instant::now() >= deadline {
+                let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+                let _ = child.wait();
+                bail!(
+                    "{what} did not finish within {} s and was stopped",
+                    timeout.as_secs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Makes everything written to the box's disk durable before a switch.
+    pub fn sync_disk(&self, path: &Path) {
+        if let Ok(f) = std::fs::File::open(path) {
+            use std::os::fd::AsRawFd;
+            // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
+            unsafe { libc::syncfs(f.as_raw_fd()) };
+        }
+    }
+
+    /// Free bytes for this box's updates on the file system holding `path`, less the reserve.
+    // The casts are needed on 32-bit ARM, where statvfs counts are 32-bit.
+    #[allow(clippy::unnecessary_cast)]
+    pub fn usable_space(&self, path: &Path) -> u64 {
+        match nix::sys::statvfs::statvfs(path) {
+            Ok(s) => (s.blocks_available() as u64)
+                .saturating_mul(s.fragment_size() as u64)
+                .saturating_sub(self.settings.reserve),
+            Err(_) => u64::MAX,
+        }
+    }
+
+    pub fn unpack_limits(&self) -> Limits {
+        let free = self.usable_space(&self.layout().releases_dir());
+        Limits {
+            max_bytes: free.min(self.settings.max_expanded),
+            ..Limits::default()
+        }
+    }
+
+    /// Reboots the box: the configured command, else systemd, else the kernel after a sync.
+    pub fn reboot(&self) -> Result<()> {
+        if let Some(cmd) = &self.settings.reboot_command {
+            let mut c = Command::new("sh");
+            c.arg("-c").arg(cmd);
+            return self.run_logged("the reboot command", c, Duration::from_secs(60));
+        }
+        let mut c = Command::new("systemctl");
+        c.arg("reboot");
+        if self
+            .run_logged("systemctl reboot", c, Duration::from_secs(60))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        self.log
+            .warn("systemctl reboot failed; rebooting through the kernel");
+        nix::unistd::sync();
+        nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT).context("reboot")?;
+        Ok(())
+    }
+}

@@ -1,0 +1,78 @@
+//! Checking: asks the update server for its newest version and compares it with the installed one.
+
+use anyhow::{Context, Result, bail};
+
+use super::{Downloading, State, UpToDate};
+use crate::image::Version;
+use crate::updater::config;
+use crate::updater::engine::Engine;
+
+#[derive(Debug)]
+pub struct Checking {
+    pub force: bool,
+}
+
+/// What the server offers against what the box runs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Offer {
+    pub installed: Option<Version>,
+    pub newest: Option<Version>,
+    pub update_available: bool,
+}
+
+/// Asks the server without installing anything (the page's check).
+pub fn check(engine: &Engine) -> Result<Offer> {
+    let server = config::updates_ep(&engine.settings.box_config)?;
+    let installed = engine.layout().installed_version();
+    let url = format!("{server}/version");
+    let newest = match engine.http.get_text(&url, 1024)? {
+        None => None,
+        Some(text) => Some(
+            text.trim()
+                .parse::<Version>()
+                .with_context(|| format!("{url} did not answer with a version number"))?,
+        ),
+    };
+    Ok(Offer {
+        installed,
+        newest,
+        update_available: newest.is_some_and(|n| installed.is_none_or(|i| n > i)),
+    })
+}
+
+impl Checking {
+    pub fn handle(self, engine: &Engine) -> Result<State> {
+        let server = config::updates_ep(&engine.settings.box_config)?;
+        let offer = check(engine)?;
+        let Some(newest) = offer.newest else {
+            bail!("the update server at {server} has no image yet");
+        };
+        if !offer.update_available && !self.force {
+            return Ok(State::UpToDate(UpToDate {
+                installed: offer.installed,
+                newest,
+            }));
+        }
+        let (image, url) = engine.http.resolve_latest(&server)?;
+        if Some(image.version()) == offer.installed {
+            if self.force {
+                bail!(
+                    "version {} is the running release; there is nothing to reinstall",
+                    image.version()
+                );
+            }
+            return Ok(State::UpToDate(UpToDate {
+                installed: offer.installed,
+                newest: image.version(),
+            }));
+        }
+        if offer.installed.is_some_and(|i| image.version() < i) && !self.force {
+            bail!(
+                "the server's newest image {} is older than the installed version {}; use --force to downgrade",
+                image.version(),
+                offer.installed.map(|v| v.to_string()).unwrap_or_default()
+            );
+        }
+        Ok(State::Downloading(Downloading { image, url }))
+    }
+}

@@ -1,0 +1,106 @@
+//! Downloading: fetches the image's sidecars, then the image into a `.part` file, resuming and
+//! retrying transient failures, hashing as it goes.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+
+use super::{State, Verifying};
+use crate::image::ImageName;
+use crate::updater::engine::Engine;
+use crate::updater::http::FetchError;
+
+#[derive(Debug)]
+pub struct Downloading {
+    pub image: ImageName,
+    pub url: String,
+}
+
+impl Downloading {
+    pub fn handle(self, engine: &Engine) -> Result<State> {
+        let s = &engine.settings;
+        let sidecar = with_retries(engine, "the .sha256 sidecar", || {
+            engine.http.get_text(&format!("{}.sha256", self.url), 4096)
+        })?;
+        let signature = match &s.public_key {
+            None => None,
+            Some(_) => match with_retries(engine, "the signature", || {
+                engine
+                    .http
+                    .get_text(&format!("{}.minisig", self.url), 16 * 1024)
+            })? {
+                Some(sig) => Some(sig),
+                None => bail!(
+                    "{} is not signed, and this box only installs signed images",
+                    self.image
+                ),
+            },
+        };
+        let part = engine
+            .layout()
+            .downloads_dir()
+            .join(format!("{}.part", self.image.file_name()));
+        // The image and what it expands to must fit: allow a third of the free space for the file.
+        let max_size = engine.usable_space(&engine.layout().downloads_dir()) / 3;
+        let log = |m: &str| engine.log.info(m);
+        let (sha256, size) = with_retries(engine, "the image", || {
+            engine.http.download(
+                &self.url,
+                &part,
+                max_size,
+                &mut |done, total| {
+                    engine.status.update_progress(|st| {
+                        st.bytes_done = done;
+                        st.bytes_total = total;
+                    })
+                },
+                &log,
+            )
+        })?;
+        engine.status.update(|st| {
+            st.bytes_done = size;
+            st.bytes_total = Some(size);
+        });
+        engine.log.info(&format!(
+            "downloaded {} ({size} bytes, sha256 {sha256})",
+            self.image
+        ));
+        Ok(State::Verifying(Verifying {
+            image: self.image,
+            file: part,
+            sha256,
+            sidecar,
+            signature,
+            local: false,
+            allow_older: false,
+        }))
+    }
+}
+
+/// Runs `f`, retrying transient failures with exponential backoff, a bounded number of times.
+fn with_retries<T>(
+    engine: &Engine,
+    what: &str,
+    mut f: impl FnMut() -> Result<T, FetchError>,
+) -> Result<T> {
+    let s = &engine.settings;
+    let mut delay = s.retry_delay;
+    for attempt in 0..=s.retries {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(FetchError::Permanent(m)) => bail!("{m}"),
+            Err(FetchError::Transient(m)) if attempt < s.retries => {
+                engine.log.warn(&format!(
+                    "fetching {what}: {m}; retry {} of {} in {:?}",
+                    attempt + 1,
+                    s.retries,
+                    delay
+                ));
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+            Err(FetchError::Transient(m)) => bail!("{m} (gave up after {} retries)", s.retries),
+        }
+    }
+    unreachable!("the last attempt returns")
+}

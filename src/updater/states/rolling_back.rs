@@ -1,0 +1,124 @@
+//! Rolling back: `current` goes back to the previous release (after checking it is whole), its
+//! install script runs again to restore its units, and the box reboots.
+
+use anyhow::{Context, Result};
+
+use super::{RolledBack, State, Transition};
+use crate::image::{ImageName, SUMS_FILE};
+use crate::sums::Sha256Sums;
+use crate::updater::engine::Engine;
+use crate::updater::status::Step;
+
+#[derive(Debug)]
+pub struct RollingBack {
+    pub to: ImageName,
+    pub from: Option<ImageName>,
+    pub reason: String,
+}
+
+/// The target of a rollback asked for by hand: the pending update's previous release, else the
+/// newest release older than the running one.
+pub fn by_hand(engine: &Engine, reason: &str) -> State {
+    let layout = engine.layout();
+    let current = layout.current();
+    let pending_prev = engine
+        .status
+        .get()
+        .pending
+        .and_then(|p| p.previous)
+        .map(ImageName);
+    let target = pending_prev.or_else(|| {
+        layout
+            .releases()
+            .into_iter()
+            .rev()
+            .find(|r| current.is_none_or(|c| r.version() < c.version()))
+    });
+    match target {
+        Some(to) => State::RollingBack(RollingBack {
+            to,
+            from: current,
+            reason: reason.to_string(),
+        }),
+        None => State::failed(
+            Step::RollingBack,
+            "there is no previous release on this box to roll back to",
+        ),
+    }
+}
+
+impl RollingBack {
+    pub fn handle(self, engine: &Engine) -> (State, Transition) {
+        match self.switch_back(engine) {
+            Ok(()) => {}
+            Err(e) => {
+                return (
+                    State::failed(Step::RollingBack, format!("{e:#}")),
+                    Transition::Continue,
+                );
+            }
+        }
+        let msg = format!(
+            "rolled back to version {}: {}",
+            self.to.version(),
+            self.reason
+        );
+        engine.record(
+            Step::RolledBack,
+            self.from.map(ImageName::version),
+            Some(self.to.version()),
+            &msg,
+        );
+        engine.status.update(|s| {
+            s.state = Step::RolledBack;
+            s.message = msg.clone();
+        });
+        engine.log.info("rebooting");
+        if let Err(e) = engine.reboot() {
+            engine
+                .log
+                .error(&format!("reboot failed: {e:#}; reboot the box by hand"));
+        }
+        (
+            State::RolledBack(RolledBack {
+                to: self.to.version(),
+                reason: self.reason,
+            }),
+            Transition::Stop,
+        )
+    }
+
+    fn switch_back(&self, engine: &Engine) -> Result<()> {
+        let layout = engine.layout();
+        let dir = layout.release_dir(self.to);
+        let sums = std::fs::read_to_string(dir.join(SUMS_FILE)).with_context(|| {
+            format!(
+                "the previous release {} is missing or incomplete",
+                self.to.top_dir()
+            )
+        })?;
+        Sha256Sums::parse(&sums)
+            .and_then(|s| s.verify_dir(&dir))
+            .with_context(|| {
+                format!(
+                    "the previous release {} is damaged; not rolling back to it",
+                    self.to.top_dir()
+                )
+            })?;
+        layout
+            .switch_current(self.to)
+            .context("switching opt/opq/current back")?;
+        engine.status.update(|s| s.pending = None);
+        engine
+            .log
+            .info(&format!("current -> {}", self.to.top_dir()));
+        let from = self.from.map(ImageName::version);
+        if let Err(e) = super::installing::run_install_script(engine, self.to, from) {
+            engine.log.warn(&format!(
+                "reinstalling the units of version {} failed: {e:#}",
+                self.to.version()
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,149 @@
+//! The updater's persisted status: the current or last update's state and progress, the release
+//! awaiting confirmation after a switch, and a short history. One JSON file, written atomically.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::{unix_now, write_atomic};
+use crate::image::Version;
+
+pub const HISTORY_LEN: usize = 20;
+
+/// The step an update is at, as the page and `box-updater status` name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    #[default]
+    Idle,
+    Checking,
+    Downloading,
+    Verifying,
+    Unpacking,
+    Installing,
+    Switching,
+    Rebooting,
+    Confirming,
+    RollingBack,
+    UpToDate,
+    Committed,
+    RolledBack,
+    Failed,
+}
+
+impl Step {
+    /// Whether an update is under way (the lock is what really says so).
+    pub fn is_running(self) -> bool {
+        !matches!(
+            self,
+            Step::Idle | Step::UpToDate | Step::Committed | Step::RolledBack | Step::Failed
+        )
+    }
+}
+
+/// A switched release that has not yet been confirmed healthy after the reboot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pending {
+    pub new: Version,
+    pub previous: Option<Version>,
+    /// Confirm attempts so far; too many means the new release does not come up.
+    pub boots: u32,
+    pub switched_at: u64,
+}
+
+/// One finished update, for the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub at: u64,
+    pub from: Option<Version>,
+    pub to: Option<Version>,
+    pub result: Step,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub state: Step,
+    pub message: String,
+    pub target_version: Option<Version>,
+    pub bytes_done: u64,
+    pub bytes_total: Option<u64>,
+    pub started_at: Option<u64>,
+    pub updated_at: u64,
+    #[serde(default)]
+    pub pending: Option<Pending>,
+    #[serde(default)]
+    pub last_result: Option<Outcome>,
+    #[serde(default)]
+    pub history: Vec<Outcome>,
+}
+
+impl Status {
+    pub fn record(&mut self, outcome: Outcome) {
+        self.last_result = Some(outcome.clone());
+        self.history.push(outcome);
+        let extra = self.history.len().saturating_sub(HISTORY_LEN);
+        self.history.drain(..extra);
+    }
+}
+
+/// The status shared between the engine and its readers, persisted on every step change and at
+/// most once a second for progress.
+#[derive(Clone)]
+pub struct StatusStore {
+    inner: Arc<Mutex<(Status, Instant)>>,
+    path: PathBuf,
+}
+
+impl StatusStore {
+    /// Loads the status file; a missing or unreadable one starts fresh (and says so in the log).
+    pub fn load(path: PathBuf) -> Self {
+        let status = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                log::warn!(
+                    "status file {} unreadable ({e}); starting fresh",
+                    path.display()
+                );
+                Status::default()
+            }),
+            Err(_) => Status::default(),
+        };
+        StatusStore {
+            inner: Arc::new(Mutex::new((status, Instant::now()))),
+            path,
+        }
+    }
+
+    pub fn get(&self) -> Status {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+            .clone()
+    }
+
+    /// Changes the status and persists it durably.
+    pub fn update(&self, f: impl FnOnce(&mut Status)) {
+        self.change(f, true);
+    }
+
+    /// Changes the status; persists it if a second has passed since the last write.
+    pub fn update_progress(&self, f: impl FnOnce(&mut Status)) {
+        self.change(f, false);
+    }
+
+    fn change(&self, f: impl FnOnce(&mut Status), force: bool) {
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard.0);
+        guard.0.updated_at = unix_now();
+        if force || guard.1.elapsed() >= Duration::from_secs(1) {
+            guard.1 = Instant::now();
+            let json = serde_json::to_vec_pretty(&guard.0).expect("status serializes");
+            if let Err(e) = write_atomic(&self.path, &json, 0o644) {
+                log::error!("cannot write status {}: {e}", self.path.display());
+            }
+        }
+    }
+}

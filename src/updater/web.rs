@@ -1,0 +1,528 @@
+//! `box-updater serve`: the box's page and HTTP API. Handlers are thin: they read the engine's
+//! status (the single source of truth) and send commands to the one engine thread.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Sender, channel};
+use std::time::Instant;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+use tiny_http::{Header, Method, Request, Response, Server};
+
+use crate::updater::commands::status_json;
+use crate::updater::config;
+use crate::updater::engine::{Engine, Source};
+
+/// The page: one self-contained file (HTML, CSS, JS inline), built into the binary.
+pub const PAGE: &str = include_str!("../../box-updater/page.html");
+
+const MAX_JSON_BODY: u64 = 64 * 1024;
+const WORKERS: usize = 4;
+
+pub struct WebOptions {
+    pub listen: String,
+    /// Required on every API request when set (`Authorization: Bearer …` or `X-Box-Token`).
+    pub token: Option<String>,
+}
+
+enum Job {
+    Update {
+        force: bool,
+    },
+    Upload {
+        image: PathBuf,
+        file_name: String,
+        signature: Option<String>,
+        force: bool,
+    },
+}
+
+struct Web {
+    engine: Arc<Engine>,
+    jobs: std::sync::Mutex<Sender<Job>>,
+    busy: Arc<AtomicBool>,
+    token: Option<String>,
+}
+
+/// Runs the confirm step of a pending update, then serves until the process is stopped.
+pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
+    if engine.status.get().pending.is_some() {
+        match engine.confirm() {
+            Ok(s) => log::info!("confirm at start: {}", s.message),
+            Err(e) => log::warn!("confirm at start skipped: {e}"),
+        }
+    }
+    let server = Server::http(&opts.listen)
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
+    let token = opts.token.or_else(|| {
+        config::read(&engine.settings.box_config)
+            .ok()
+            .and_then(|m| {
+                m.get("updater_token")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+            })
+            .filter(|t| !t.is_empty())
+    });
+    log::info!(
+        "serving the update page on http://{} (installed {}, {})",
+        server.server_addr(),
+        engine
+            .layout()
+            .installed_version()
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "none".into()),
+        if token.is_some() {
+            "token required"
+        } else {
+            "no token"
+        }
+    );
+    let engine = Arc::new(engine);
+    let busy = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = channel::<Job>();
+    {
+        let engine = Arc::clone(&engine);
+        let busy = Arc::clone(&busy);
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || {
+                for job in rx {
+                    let result = match job {
+                        Job::Update { force } => engine.update(Source::Server { force }),
+                        Job::Upload {
+                            image,
+                            file_name,
+                            signature,
+                            force,
+                        } => {
+                            let r = engine.update(Source::Local {
+                                image: image.clone(),
+                                file_name,
+                                signature,
+                                force,
+                            });
+                            let _ = std::fs::remove_file(image);
+                            r
+                        }
+                    };
+                    match result {
+                        Ok(s) => log::info!("update finished: {}", s.message),
+                        Err(e) => log::warn!("update not started: {e}"),
+                    }
+                    busy.store(false, Ordering::SeqCst);
+                }
+            })?;
+    }
+    let web = Arc::new(Web {
+        engine,
+        jobs: std::sync::Mutex::new(tx),
+        busy,
+        token,
+    });
+    let server = Arc::new(server);
+    let workers: Vec<_> = (0..WORKERS)
+        .map(|i| {
+            let server = Arc::clone(&server);
+            let web = Arc::clone(&web);
+            std::thread::Builder::new()
+                .name(format!("http-{i}"))
+                .spawn(move || {
+                    while let Ok(req) = server.recv() {
+                        web.handle(req);
+                    }
+                })
+                .expect("spawning an http worker")
+        })
+        .collect();
+    for w in workers {
+        let _ = w.join();
+    }
+    Ok(())
+}
+
+type Reply = Response<std::io::Cursor<Vec<u8>>>;
+
+fn json_reply(status: u16, body: &Value) -> Reply {
+    let mut bytes = serde_json::to_vec(body).expect("json serializes");
+    bytes.push(b'\n');
+    Response::from_data(bytes)
+        .with_status_code(status)
+        .with_header(Header::from_bytes("Content-Type", "application/json").unwrap())
+        .with_header(Header::from_bytes("Cache-Control", "no-store").unwrap())
+}
+
+fn error(status: u16, msg: &str) -> Reply {
+    json_reply(status, &json!({"ok": false, "error": msg}))
+}
+
+fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
+    req.headers()
+        .iter()
+        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
+        .map(|h| h.value.as_str())
+}
+
+impl Web {
+    fn handle(&self, mut req: Request) {
+        let start = Instant::now();
+        let method = req.method().clone();
+        let url = req.url().to_string();
+        let (path, query) = url.split_once('?').unwrap_or((&url, ""));
+        let reply = match (&method, path) {
+            (Method::Get, "/") | (Method::Get, "/index.html") => {
+                Response::from_data(PAGE.as_bytes().to_vec())
+                    .with_header(Header::from_bytes("Content-Type", "text/html; charset=utf-8").unwrap())
+                    .with_header(Header::from_bytes("Cache-Control", "no-store").unwrap())
+                    .with_header(
+                        Header::from_bytes(
+                            "Content-Security-Policy",
+                            "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'",
+                        )
+                        .unwrap(),
+                    )
+            }
+            _ => match self.api(&mut req, &method, path, query) {
+                Ok(r) => r,
+                Err(r) => r,
+            },
+        };
+        let status = reply.status_code().0;
+        let _ = req.respond(reply);
+        log::info!("{method} {path} {status} {}ms", start.elapsed().as_millis());
+    }
+
+    /// Same-origin and token checks for the API; state changes also need a JSON content type
+    /// (or, for the upload, a custom header), which a cross-site form can't send.
+    fn guard(&self, req: &Request, changes_state: bool, upload: bool) -> Result<(), Reply> {
+        if let Some(token) = &self.token {
+            let given = header(req, "X-Box-Token")
+                .or_else(|| header(req, "Authorization").and_then(|v| v.strip_prefix("Bearer ")));
+            if given != Some(token.as_str()) {
+                return Err(error(401, "this box requires its access token"));
+            }
+        }
+        if !changes_state {
+            return Ok(());
+        }
+        if let Some(site) = header(req, "Sec-Fetch-Site")
+            && !matches!(site, "same-origin" | "none")
+        {
+            return Err(error(403, "cross-site requests may not change this box"));
+        }
+        if let Some(origin) = header(req, "Origin") {
+            let host = header(req, "Host").unwrap_or("");
+            let same = origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"))
+                == Some(host);
+            if !same {
+                return Err(error(
+                    403,
+                    "requests from another origin may not change this box",
+                ));
+            }
+        }
+        let ctype = header(req, "Content-Type").unwrap_or("");
+        if upload {
+            if header(req, "X-Requested-With") != Some("box-updater") {
+                return Err(error(
+                    400,
+                    "uploads must come from the box's page (X-Requested-With: box-updater)",
+                ));
+            }
+        } else if !ctype.to_ascii_lowercase().starts_with("application/json") {
+            return Err(error(415, "send JSON (Content-Type: application/json)"));
+        }
+        Ok(())
+    }
+
+    fn api(
+        &self,
+        req: &mut Request,
+        method: &Method,
+        path: &str,
+        query: &str,
+    ) -> Result<Reply, Reply> {
+        let engine = &self.engine;
+        match (method, path) {
+            (Method::Get, "/version") => {
+                self.guard(req, false, false)?;
+                Ok(json_reply(
+                    200,
+                    &json!({"version": engine.layout().installed_version()}),
+                ))
+            }
+            (Method::Get, "/box_config") => {
+                self.guard(req, false, false)?;
+                match config::read(&engine.settings.box_config) {
+                    Ok(map) => Ok(json_reply(200, &json!({"box_config": map}))),
+                    Err(e) => Err(error(500, &format!("{e:#}"))),
+                }
+            }
+            (Method::Post, "/box_config") => {
+                self.guard(req, true, false)?;
+                let body = read_body(req, MAX_JSON_BODY)?;
+                let map = config::parse_edit(&body).map_err(|e| error(400, &e))?;
+                config::write(&engine.settings.box_config, &map)
+                    .map_err(|e| error(500, &format!("{e:#}")))?;
+                engine.log.info("box config changed from the web page");
+                Ok(json_reply(200, &json!({"ok": true, "box_config": map})))
+            }
+            (Method::Post, "/box_update") => {
+                self.guard(req, true, false)?;
+                let body = read_body(req, MAX_JSON_BODY)?;
+                let force = serde_json::from_slice::<Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("force").and_then(Value::as_bool))
+                    .unwrap_or(false);
+                self.start(Job::Update { force })
+            }
+            (Method::Get, "/box_update/status") => {
+                self.guard(req, false, false)?;
+                let mut s = status_json(engine);
+                if self.busy.load(Ordering::SeqCst) {
+                    s["running"] = json!(true);
+                }
+                Ok(json_reply(200, &s))
+            }
+            (Method::Get, "/box_update/check") => {
+                self.guard(req, false, false)?;
+                match crate::updater::commands::check(engine) {
+                    Ok(v) => Ok(json_reply(200, &v)),
+                    Err(e) => Err(error(502, &format!("{e:#}"))),
+                }
+            }
+            (Method::Post, "/box_update/upload") => {
+                self.guard(req, true, true)?;
+                self.upload(req, query)
+            }
+            (
+                _,
+                "/version" | "/box_config" | "/box_update" | "/box_update/status"
+                | "/box_update/check" | "/box_update/upload",
+            ) => Err(error(405, "method not allowed")),
+            _ => Err(error(404, "no such page")),
+        }
+    }
+
+    /// Reserves the engine, or says it is busy (an update from the page or the command line).
+    fn reserve(&self) -> Result<(), Reply> {
+        if self
+            .busy
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err(error(409, "an update is already running"));
+        }
+        if self.engine.lock().is_err() {
+            self.busy.store(false, Ordering::SeqCst);
+            return Err(error(409, "an update is already running"));
+        }
+        Ok(())
+    }
+
+    fn start(&self, job: Job) -> Result<Reply, Reply> {
+        self.reserve()?;
+        self.send(job)
+    }
+
+    fn send(&self, job: Job) -> Result<Reply, Reply> {
+        let sent = self
+            .jobs
+            .lock()
+            .map(|tx| tx.send(job).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            self.busy.store(false, Ordering::SeqCst);
+            return Err(error(500, "the update engine stopped; restart box-updater"));
+        }
+        Ok(json_reply(202, &json!({"ok": true, "started": true})))
+    }
+
+    fn upload(&self, req: &mut Request, query: &str) -> Result<Reply, Reply> {
+        let params: Vec<(String, String)> = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), percent_decode(v)))
+            .collect();
+        let get = |k: &str| {
+            params
+                .iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
+        let file_name = get("name").ok_or_else(|| {
+            error(
+                400,
+                "name the image file (?name=opq-box-update-<VERSION>.tar.bz2)",
+            )
+        })?;
+        if crate::image::ImageName::parse_file_name(&file_name).is_none() {
+            return Err(error(
+                400,
+                &format!(
+                    "{file_name:?} is not an update image name (opq-box-update-<VERSION>.tar.bz2)"
+                ),
+            ));
+        }
+        let force = get("force").is_some_and(|v| v == "1" || v == "true");
+        let signature = match header(req, "X-Minisig") {
+            None => None,
+            Some(b64) => Some(
+                decode_base64(b64)
+                    .and_then(|b| String::from_utf8(b).ok())
+                    .ok_or_else(|| error(400, "X-Minisig must be the .minisig file in base64"))?,
+            ),
+        };
+        let limit = self.engine.settings.max_expanded.min(
+            self.engine
+                .usable_space(&self.engine.layout().downloads_dir())
+                / 3,
+        );
+        if req.body_length().is_some_and(|n| n as u64 > limit) {
+            return Err(error(
+                413,
+                &format!(
+                    "the image is larger than this box accepts ({} MiB)",
+                    limit >> 20
+                ),
+            ));
+        }
+        self.reserve()?;
+        let dest = self
+            .engine
+            .layout()
+            .downloads_dir()
+            .join(format!("upload-{file_name}"));
+        match save_upload(req, &dest, limit) {
+            Ok(_) => self.send(Job::Upload {
+                image: dest,
+                file_name,
+                signature,
+                force,
+            }),
+            Err(reply) => {
+                let _ = std::fs::remove_file(&dest);
+                self.busy.store(false, Ordering::SeqCst);
+                Err(reply)
+            }
+        }
+    }
+}
+
+fn save_upload(req: &mut Request, dest: &std::path::Path, limit: u64) -> Result<u64, Reply> {
+    let mut file = std::fs::File::create(dest)
+        .map_err(|e| error(500, &format!("cannot store the upload: {e}")))?;
+    let mut reader = req.as_reader().take(limit + 1);
+    let mut buf = vec![0u8; 128 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|e| error(400, &format!("the upload broke off: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        if total > limit {
+            return Err(error(
+                413,
+                &format!(
+                    "the image is larger than this box accepts ({} MiB)",
+                    limit >> 20
+                ),
+            ));
+        }
+        file.write_all(&buf[..n])
+            .map_err(|e| error(507, &format!("cannot store the upload: {e}")))?;
+    }
+    file.sync_all()
+        .map_err(|e| error(507, &format!("cannot store the upload: {e}")))?;
+    if total == 0 {
+        return Err(error(400, "the upload is empty"));
+    }
+    Ok(total)
+}
+
+fn read_body(req: &mut Request, limit: u64) -> Result<Vec<u8>, Reply> {
+    if req.body_length().is_some_and(|n| n as u64 > limit) {
+        return Err(error(413, "the request body is too large"));
+    }
+    let mut body = Vec::new();
+    req.as_reader()
+        .take(limit + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| error(400, &format!("cannot read the request: {e}")))?;
+    if body.len() as u64 > limit {
+        return Err(error(413, "the request body is too large"));
+    }
+    Ok(body)
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn decode_base64(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let clean: Vec<u8> = s
+        .bytes()
+        .filter(|c| !c.is_ascii_whitespace() && *c != b'=')
+        .collect();
+    let mut out = Vec::with_capacity(clean.len() * 3 / 4);
+    for chunk in clean.chunks(4) {
+        let mut acc = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            acc |= val(c)? << (18 - 6 * i);
+        }
+        let bytes = acc.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_and_percent_decoding() {
+        assert_eq!(decode_base64("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(decode_base64("aGVsbG8gd29ybGQ").unwrap(), b"hello world");
+        assert!(decode_base64("***").is_none());
+        assert_eq!(
+            percent_decode("opq-box-update-1.tar.bz2"),
+            "opq-box-update-1.tar.bz2"
+        );
+        assert_eq!(percent_decode("a%2Fb%"), "a/b%");
+    }
+}

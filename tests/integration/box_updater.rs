@@ -1,0 +1,556 @@
+//! `box-updater` against a real `update-server`: installs, upgrades, refusals, hostile images,
+//! failing install scripts, resumed downloads, kills at random moments, and rollback.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::util::*;
+
+const V1: u64 = 1_700_000_001;
+const V2: u64 = 1_700_000_002;
+const V3: u64 = 1_700_000_003;
+
+struct Fleet {
+    dir: Dir,
+    updates: std::path::PathBuf,
+    server: Running,
+}
+
+impl Fleet {
+    fn new() -> Self {
+        let dir = Dir::new();
+        let updates = dir.mkdir("updates");
+        let server = start_update_server(&updates);
+        Fleet {
+            dir,
+            updates,
+            server,
+        }
+    }
+    fn url(&self) -> String {
+        self.server.url("")
+    }
+    /// Publishes an image of the sample payload at `version`.
+    fn publish(&self, version: u64, extra: &[&str]) -> std::path::PathBuf {
+        sample_payload(&self.dir, &format!("v{version}"));
+        let staging = self.dir.mkdir(&format!("staging-{version}"));
+        let image = build_image(
+            &self.dir,
+            &staging,
+            version,
+            &["payload/box-config-daemon"],
+            extra,
+        );
+        publish_files(&staging, &self.updates);
+        self.updates.join(image.file_name().unwrap())
+    }
+    fn wait_listed(&self, version: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if http_get(self.server.port, "/version").1.trim() == version.to_string() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("the server never listed {version}");
+    }
+}
+
+/// Moves every file of `from` into `to` by rename (as a publisher would), sidecars first.
+fn publish_files(from: &std::path::Path, to: &std::path::Path) {
+    let mut names: Vec<_> = std::fs::read_dir(from)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort_by_key(|n| n.to_string_lossy().ends_with(".tar.bz2"));
+    for n in names {
+        std::fs::rename(from.join(&n), to.join(&n)).unwrap();
+    }
+}
+
+/// A minimal HTTP GET over loopback: (status, body).
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn ok(o: &std::process::Output) -> String {
+    assert!(
+        o.status.success(),
+        "box-updater failed ({:?}): {}{}",
+        o.status.code(),
+        stdout(o),
+        stderr(o)
+    );
+    stdout(o)
+}
+
+#[test]
+fn fresh_box_installs_then_upgrades_keeping_the_previous_release() {
+    let f = Fleet::new();
+    f.publish(V1, &[]);
+    f.wait_listed(V1);
+    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
+    assert_eq!(b.status()["version"], serde_json::Value::Null);
+
+    let out = ok(&b.run(&["update"]));
+    assert!(out.contains("installed"), "{out}");
+    assert_eq!(
+        b.current().as_deref(),
+        Some(format!("releases/opq-box-update-{V1}").as_str())
+    );
+    assert_eq!(b.reboot_count(), 1);
+    b.assert_current_complete();
+    // The install script installed the box's units inside the sandbox.
+    assert!(
+        b.root
+            .join("etc/systemd/system/box-config-daemon.service")
+            .is_file()
+    );
+    let st = b.status();
+    assert_eq!(st["version"], V1);
+    assert_eq!(st["state"], "rebooting");
+    assert_eq!(st["pending"]["new"], V1);
+
+    // After the reboot: confirmed.
+    let out = ok(&b.run(&["confirm"]));
+    assert!(out.contains("confirmed"), "{out}");
+    assert_eq!(b.status()["state"], "committed");
+    assert_eq!(b.status()["pending"], serde_json::Value::Null);
+
+    // Same version again: up to date, no reboot.
+    let out = ok(&b.run(&["update"]));
+    assert!(out.contains("up to date"), "{out}");
+    assert_eq!(b.reboot_count(), 1);
+
+    let check: serde_json::Value = serde_json::from_str(&ok(&b.run(&["check"]))).unwrap();
+    assert_eq!(check["update_available"], false);
+
+    f.publish(V2, &[]);
+    f.wait_listed(V2);
+    let check: serde_json::Value = serde_json::from_str(&ok(&b.run(&["check"]))).unwrap();
+    assert_eq!(
+        (check["installed"].as_u64(), check["newest"].as_u64()),
+        (Some(V1), Some(V2))
+    );
+    ok(&b.run(&["update"]));
+    assert_eq!(b.current_version(), Some(V2));
+    assert_eq!(b.reboot_count(), 2);
+    ok(&b.run(&["confirm"]));
+    assert_eq!(
+        b.releases(),
+        vec![
+            format!("opq-box-update-{V1}"),
+            format!("opq-box-update-{V2}")
+        ]
+    );
+
+    f.publish(V3, &[]);
+    f.wait_listed(V3);
+    ok(&b.run(&["update"]));
+    ok(&b.run(&["confirm"]));
+    // Only the running and the previous release are kept.
+    assert_eq!(
+        b.releases(),
+        vec![
+            format!("opq-box-update-{V2}"),
+            format!("opq-box-update-{V3}")
+        ]
+    );
+    let history = b.status()["history"].as_array().unwrap().len();
+    assert!(history >= 6, "history keeps each step's outcome: {history}");
+    // Nothing left in the downloads directory.
+    assert!(tree(&b.root.join("var/lib/box-updater/downloads")).is_empty());
+    // The box config's other keys are untouched.
+    assert!(
+        std::fs::read_to_string(&b.config)
+            .unwrap()
+            .contains("calibration")
+    );
+    let log = std::fs::read_to_string(b.root.join("var/log/opq/box_update.log")).unwrap();
+    assert!(
+        log.contains("install_update: done"),
+        "install script output is in the update log"
+    );
+}
+
+#[test]
+fn a_downgrade_is_refused_unless_forced() {
+    let f = Fleet::new();
+    f.publish(V2, &[]);
+    f.wait_listed(V2);
+    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
+    ok(&b.run(&["update"]));
+    ok(&b.run(&["confirm"]));
+    std::fs::remove_file(f.updates.join(format!("opq-box-update-{V2}.tar.bz2"))).unwrap();
+    f.publish(V1, &[]);
+    f.wait_listed(V1);
+    let o = b.run(&["update"]);
+    assert!(
+        o.status.success(),
+        "an older server image is not an error: {}",
+        stderr(&o)
+    );
+    assert!(stdout(&o).contains("up to date"), "{}", stdout(&o));
+    assert_eq!(b.current_version(), Some(V2));
+    let o = b.run(&["update", "--force"]);
+    ok(&o);
+    assert_eq!(b.current_version(), Some(V1));
+}
+
+#[test]
+fn a_failing_install_script_leaves_the_box_as_it_was() {
+    let f = Fleet::new();
+    f.publish(V1, &[]);
+    f.wait_listed(V1);
+    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
+    ok(&b.run(&["update"]));
+    ok(&b.run(&["confirm"]));
+    let script = f
+        .dir
+        .write("bad_install.sh", "#!/bin/sh\necho about to fail\nexit 7\n");
+    f.publish(V2, &["--install-script", script.to_str().unwrap()]);
+    f.wait_listed(V2);
+    let o = b.run(&["update"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("exit code 7")
+            && stderr(&o).contains(&format!("keeps running version {V1}")),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(b.current_version(), Some(V1));
+    assert_eq!(b.reboot_count(), 1, "no reboot after a failed install");
+    assert_eq!(b.releases(), vec![format!("opq-box-update-{V1}")]);
+    let st = b.status();
+    assert_eq!(st["state"], "failed");
+    assert!(
+        st["message"]
+            .as_str()
+            .unwrap()
+            .contains("install_update.sh"),
+        "{st}"
+    );
+    assert!(
+        st["log_tail"].to_string().contains("about to fail"),
+        "the script's output is in the log tail"
+    );
+}
+
+#[test]
+fn one_update_at_a_time() {
+    let f = Fleet::new();
+    let script = f.dir.write("slow_install.sh", "#!/bin/sh\nsleep 3\n");
+    f.publish(V1, &["--install-script", script.to_str().unwrap()]);
+    f.wait_listed(V1);
+    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
+    let mut first = b
+        .cmd(&["update"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while b.status()["state"] != "installing" {
+        assert!(
+            Instant::now() < deadline,
+            "first update never reached installing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(b.status()["running"], true);
+    let o = b.run(&["update"]);
+    assert_eq!(
+        o.status.code(),
+        Some(3),
+        "busy has its own exit code: {}",
+        stderr(&o)
+    );
+    assert!(
+        stderr(&o).contains("another update is running"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(first.wait().unwrap().success());
+    assert_eq!(b.current_version(), Some(V1));
+}
+
+#[test]
+fn a_failing_health_check_after_the_reboot_rolls_back() {
+    let f = Fleet::new();
+    f.publish(V1, &[]);
+    f.wait_listed(V1);
+    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
+    ok(&b.run(&["update"]));
+    ok(&b.run(&["confirm", "--health-check", "test -f VERSION"]));
+    f.publish(V2, &[]);
+    f.wait_listed(V2);
+    ok(&b.run(&["update"]));
+    assert_eq!(b.current_version(), Some(V2));
+    let o = b.run(&["confirm", "--health-check", "echo service down; exit 1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(b.current_version(), Some(V1));
+    assert_eq!(b.reboot_count(), 3, "rolled back, then rebooted");
+    let st = b.status();
+    assert_eq!(st["state"], "rolled_back");
+    assert!(
+        st["message"].as_str().unwrap().contains("not healthy"),
+        "{st}"
+    );
+    b.assert_current_complete();
+}
+
+#[test]
+fn too_many_boots_without_confirmation_roll_back() {
+    let f = Fleet::new();
+    f.publish(V1, &[]);
+    f.wait_listed(V1);
+    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
+    ok(&b.run(&["update"]));
+    ok(&b.run(&["confirm"]));
+    f.publish(V2, &[]);
+    f.wait_listed(V2);
+    ok(&b.run(&["update"]));
+    // Each boot dies during its health check, as a box that hangs and is reset would.
+    for _ in 0..2 {
+        let o = b.run(&[
+            "confirm",
+            "--max-boots",
+            "2",
+            "--health-check",
+            "kill -9 $PPID; sleep 5",
+        ]);
+        assert!(!o.status.success());
+        assert_eq!(b.current_version(), Some(V2));
+    }
+    let o = b.run(&["confirm", "--max-boots", "2", "--health-check", "true"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("not confirmed after 2 boots"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(b.current_version(), Some(V1));
+}
+
+#[test]
+fn rollback_by_hand_returns_to_the_previous_release() {
+    let f = Fleet::new();
+    f.publish(V1, &[]);
+    f.wait_listed(V1);
+    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
+    let o = b.run(&["rollback"]);
+    assert_eq!(o.status.code(), Some(1), "nothing to roll back to yet");
+    ok(&b.run(&["update"]));
+    ok(&b.run(&["confirm"]));
+    f.publish(V2, &[]);
+    f.wait_listed(V2);
+    ok(&b.run(&["update"]));
+    ok(&b.run(&["confirm"]));
+    ok(&b.run(&["rollback"]));
+    assert_eq!(b.current_version(), Some(V1));
+    assert_eq!(b.status()["state"], "rolled_back");
+}
+
+/// A proxy in front of the server that cuts the first image download after `cut` body bytes and
+/// records every request line and Range header it relays.
+struct CuttingProxy {
+    port: u16,
+    seen: Arc<Mutex<Vec<String>>>,
+}
+
+impl CuttingProxy {
+    fn start(upstream: u16, cut: usize) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let cuts = Arc::new(AtomicUsize::new(1));
+        let seen2 = seen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { continue };
+                let seen = seen2.clone();
+                let cuts = cuts.clone();
+                std::thread::spawn(move || {
+                    let mut req = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !req.ends_with(b"\r\n\r\n") {
+                        if client.read(&mut byte).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        req.push(byte[0]);
+                    }
+                    let text = String::from_utf8_lossy(&req).into_owned();
+                    let first = text.lines().next().unwrap_or("").to_string();
+                    let range = text
+                        .lines()
+                        .find(|l| l.to_ascii_lowercase().starts_with("range:"))
+                        .unwrap_or("")
+                        .to_string();
+                    seen.lock().unwrap().push(format!("{first} {range}"));
+                    let image = first.contains(".tar.bz2 ") && !first.contains("/latest");
+                    let mut up = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
+                    up.write_all(&req).unwrap();
+                    let cut_this = image && cuts.fetch_sub(1, Ordering::SeqCst) == 1;
+                    let mut buf = [0u8; 8192];
+                    let mut sent = 0usize;
+                    loop {
+                        let n = up.read(&mut buf).unwrap_or(0);
+                        if n == 0 {
+                            break;
+                        }
+                        let n = if cut_this {
+                            n.min(cut.saturating_sub(sent))
+                        } else {
+                            n
+                        };
+                        if n == 0 || client.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        sent += n;
+                    }
+                    let _ = client.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        CuttingProxy { port, seen }
+    }
+}
+
+#[test]
+fn a_download_cut_halfway_resumes_with_range() {
+    let f = Fleet::new();
+    // A payload of a few MiB so that half an image is a real resume.
+    let mut noise = Vec::new();
+    let mut x = 7u64;
+    while noise.len() < 3 << 20 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        noise.extend_from_slice(&x.to_le_bytes());
+    }
+    f.dir.write("payload/box-config-daemon/blob.bin", &noise);
+    let image = f.publish(V1, &[]);
+    f.wait_listed(V1);
+    let size = std::fs::metadata(&image).unwrap().len() as usize;
+    let proxy = CuttingProxy::start(f.server.port, size / 2);
+    let b = BoxUnderTest::new(&f.dir, "box", &format!("http://127.0.0.1:{}", proxy.port));
+    let o = b.run(&["update", "--retries", "0"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "the cut download fails this run: {}",
+        stderr(&o)
+    );
+    assert_eq!(b.current_version(), None);
+    let part = b.root.join(format!(
+        "var/lib/box-updater/downloads/opq-box-update-{V1}.tar.bz2.part"
+    ));
+    let kept = std::fs::metadata(&part)
+        .expect("the partial download is kept")
+        .len() as usize;
+    assert!(kept > 0 && kept < size, "kept {kept} of {size}");
+
+    ok(&b.run(&["update"]));
+    assert_eq!(b.current_version(), Some(V1));
+    b.assert_current_complete();
+    let seen = proxy.seen.lock().unwrap().clone();
+    let resumed = seen.iter().any(|l| {
+        l.contains(&format!("Range: bytes={kept}-")) || l.contains(&format!("range: bytes={kept}-"))
+    });
+    assert!(
+        resumed,
+        "second run asks for the rest with Range: {seen:#?}"
+    );
+    let log = std::fs::read_to_string(b.root.join("var/log/opq/box_update.log")).unwrap();
+    assert!(log.contains(&format!("resuming at {kept} bytes")), "{log}");
+}
+
+#[test]
+fn kill_9_at_random_moments_never_leaves_a_broken_box() {
+    let f = Fleet::new();
+    let mut noise = Vec::new();
+    let mut x = 99u64;
+    while noise.len() < 2 << 20 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        noise.extend_from_slice(format!("{x:x}\n").as_bytes());
+    }
+    f.dir.write("payload/box-config-daemon/data.txt", &noise);
+    f.publish(V1, &[]);
+    f.wait_listed(V1);
+    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
+    ok(&b.run(&["update"]));
+    ok(&b.run(&["confirm"]));
+    f.publish(V2, &[]);
+    f.wait_listed(V2);
+
+    // How long one whole update takes, to spread the kills over it.
+    let t0 = Instant::now();
+    ok(&b.run(&["update"]));
+    let full = t0.elapsed();
+    ok(&b.run(&["rollback"]));
+    assert_eq!(b.current_version(), Some(V1));
+
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    let mut reached_v2 = 0;
+    for i in 0..24 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_micros(seed % (full.as_micros() as u64 + 1));
+        let mut child = b
+            .cmd(&["update"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        let _ = child.kill();
+        let _ = child.wait();
+        b.assert_current_complete();
+        let v = b.current_version();
+        assert!(
+            v == Some(V1) || v == Some(V2),
+            "kill {i} after {delay:?}: current is {v:?}"
+        );
+        if v == Some(V2) {
+            reached_v2 += 1;
+            ok(&b.run(&["rollback"]));
+        }
+        // Nothing half-done is trusted: a status read still answers.
+        let _ = b.status();
+    }
+    ok(&b.run(&["update"]));
+    assert_eq!(b.current_version(), Some(V2));
+    b.assert_current_complete();
+    ok(&b.run(&["confirm"]));
+    assert!(
+        !b.releases().iter().any(|r| r.ends_with(".partial")),
+        "{:?}",
+        b.releases()
+    );
+    eprintln!("kills that landed after the switch: {reached_v2} of 24");
+}
