@@ -1,20 +1,77 @@
 #!/usr/bin/env bash
-# The main job, end to end on one machine: builds a signed update image from the sample payload
-# and shows what it made. (Grows into build -> serve -> update as the other programs land.)
+# The main job, end to end on one machine: builds a signed update image from the sample payload,
+# serves it with update-server, starts a sandboxed box-updater, and updates the box through the
+# same API the page's Update Box button uses, showing the progress and the new version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release --quiet --bins
-bin=target/release
+export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost RUST_LOG=${RUST_LOG:-warn}
+cargo build --quiet --bins
+bin=target/debug
 work=$(mktemp -d /tmp/opq-demo.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.05; done; echo "demo: $1 never answered" >&2; exit 1; }
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-echo "== keys"
+say "1. a signing key and two images (the box runs the first, the server offers the second)"
 "$bin/build-update" keygen --secret-key "$work/demo.key" --public-key "$work/demo.pub"
-echo "== build"
-image=$("$bin/build-update" --out "$work/updates" --sign-key "$work/demo.key" scripts/demo-payload/box-config-daemon | tail -n 1)
-ls -l "$work/updates"
-echo "== contents"
+mkdir -p "$work/updates" "$work/box/root"
+now=$(date +%s)
+v1=$((now - 60)) v2=$now
+"$bin/build-update" --out "$work/updates" --version "$v1" --sign-key "$work/demo.key" scripts/demo-payload/box-config-daemon 2>/dev/null
+image=$("$bin/build-update" --out "$work/staging" --version "$v2" --sign-key "$work/demo.key" scripts/demo-payload/box-config-daemon 2>/dev/null | tail -n 1)
 tar tvjf "$image"
-echo "== checks"
-(cd "$work/updates" && sha256sum -c ./*.sha256)
-if command -v minisign >/dev/null; then minisign -V -p "$work/demo.pub" -m "$image"; fi
+
+say "2. update-server over $work/updates"
+sport=$(free_port)
+"$bin/update-server" --dir "$work/updates" --bind 127.0.0.1 --port "$sport" 2>"$work/server.log" &
+pids+=($!)
+wait_http "http://127.0.0.1:$sport/version"
+echo "newest version on the server: $(curl -s "http://127.0.0.1:$sport/version")"
+
+say "3. a sandboxed box, installed with version $v1"
+echo "{\"updates_ep\": \"http://127.0.0.1:$sport\", \"box_id\": 1}" >"$work/box/box_config.json"
+box_args=(--root "$work/box/root" --box-config "$work/box/box_config.json" --public-key "$work/demo.pub"
+    --reboot-command "echo \"\$(date +%T) reboot\" >> '$work/box/reboots'")
+"$bin/box-updater" update "${box_args[@]}"
+"$bin/box-updater" confirm "${box_args[@]}"
+bport=$(free_port)
+start_box() {
+    "$bin/box-updater" serve "${box_args[@]}" --listen "127.0.0.1:$bport" 2>>"$work/box.log" &
+    box_pid=$!
+    pids+=("$box_pid")
+    wait_http "http://127.0.0.1:$bport/version"
+}
+start_box
+echo "the box's page: http://127.0.0.1:$bport/   installed: $(curl -s "http://127.0.0.1:$bport/version")"
+
+say "4. publish version $v2 (sidecars first, image last, each by rename)"
+for f in "$image.sha256" "$image.minisig" "$image"; do mv "$f" "$work/updates/"; done
+for _ in $(seq 100); do [ "$(curl -s "http://127.0.0.1:$sport/version")" = "$v2" ] && break; sleep 0.05; done
+curl -s "http://127.0.0.1:$bport/box_update/check"; echo
+
+say "5. press Update Box (POST /box_update) and follow the progress"
+curl -s -X POST -H 'Content-Type: application/json' -d '{}' "http://127.0.0.1:$bport/box_update"; echo
+last=""
+for _ in $(seq 600); do
+    st=$(curl -s "http://127.0.0.1:$bport/box_update/status")
+    line=$(python3 -c 'import json,sys; s=json.load(sys.stdin); t=s.get("bytes_total"); print(f"{s[\"state\"]:<12} {s[\"bytes_done\"]}/{t or \"?\"} bytes  {s[\"message\"]}")' <<<"$st")
+    [ "$line" != "$last" ] && echo "  $line" && last=$line
+    case $line in rebooting*|failed*|up_to_date*) break ;; esac
+    sleep 0.1
+done
+echo "reboots recorded: $(cat "$work/box/reboots")"
+
+say "6. the box 'reboots': box-updater starts again, confirms the new release"
+kill "$box_pid"; wait "$box_pid" 2>/dev/null || true
+start_box
+echo "installed now: $(curl -s "http://127.0.0.1:$bport/version")"
+curl -s "http://127.0.0.1:$bport/box_update/status" | python3 -c 'import json,sys; s=json.load(sys.stdin); print("state:", s["state"], "-", s["message"]); [print("  history:", h["result"], h["from"], "->", h["to"], h["message"]) for h in s["history"]]'
+ls -l "$work/box/root/opt/opq" "$work/box/root/opt/opq/releases"
+say "done: stopping what the demo started"

@@ -22,10 +22,10 @@ fi
 
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
 cargo fmt --check
-cargo clippy --all-targets --quiet -- -D warnings
+cargo clippy --all-targets --all-features --quiet -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --all-targets --no-fail-fast "$@"
+    cargo nextest run --all-targets --features fault-injection --no-fail-fast "$@"
     cargo test --doc --quiet
 else
-    cargo test --all-targets --no-fail-fast "$@"
+    cargo test --all-targets --features fault-injection --no-fail-fast "$@"
 fi

@@ -281,6 +281,7 @@ impl Http {
             })?;
             hasher.update(&buf[..n]);
             done += n as u64;
+            crate::updater::fault::point_at("download", done);
             on_progress(done, total);
         }
         out.sync_all()

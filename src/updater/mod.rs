@@ -3,6 +3,7 @@
 pub mod commands;
 pub mod config;
 pub mod engine;
+pub mod fault;
 pub mod http;
 pub mod layout;
 pub mod lock;

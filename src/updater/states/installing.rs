@@ -46,7 +46,9 @@ impl Installing {
         let _ = std::fs::remove_file(crate::updater::http::meta_path(&self.download));
         let layout = engine.layout();
         let previous = layout.installed_version();
-        if let Err(e) = run_install_script(engine, self.image, previous) {
+        let result = run_install_script(engine, self.image, previous);
+        crate::updater::fault::point("install:after-script");
+        if let Err(e) = result {
             let _ = std::fs::remove_dir_all(layout.release_dir(self.image));
             let running = previous
                 .map(|v| format!("version {v}"))

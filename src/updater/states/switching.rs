@@ -28,9 +28,11 @@ impl Switching {
         };
         engine.status.update(|s| s.pending = Some(pending));
         engine.sync_disk(&layout.releases_dir());
+        crate::updater::fault::point("switch:before-rename");
         layout
             .switch_current(self.image)
             .context("switching opt/opq/current")?;
+        crate::updater::fault::point("switch:after-rename");
         engine.log.info(&format!(
             "current -> {} (previous {})",
             self.image.top_dir(),

@@ -48,6 +48,7 @@ impl Unpacking {
             engine.settings.threads,
             &mut |n| {
                 done += n;
+                crate::updater::fault::point_at("unpack", done);
                 engine.status.update_progress(|s| s.bytes_done = done);
             },
         );
@@ -56,6 +57,7 @@ impl Unpacking {
         }
         let stats = result?;
         engine.sync_disk(partial.path());
+        crate::updater::fault::point("unpack:before-rename");
         std::fs::rename(partial.path(), &release)
             .with_context(|| format!("renaming into {}", release.display()))?;
         partial.disarm();
