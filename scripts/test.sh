@@ -25,7 +25,6 @@ cargo fmt --check
 cargo clippy --all-targets --all-features --quiet -- -D warnings
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --all-targets --features fault-injection --no-fail-fast "$@"
-    cargo test --doc --quiet
 else
     cargo test --all-targets --features fault-injection --no-fail-fast "$@"
 fi

@@ -276,9 +276,16 @@ impl Http {
                     )));
                 }
             };
-            out.write_all(&buf[..n]).map_err(|e| {
-                FetchError::Permanent(format!("cannot write {}: {e}", part.display()))
-            })?;
+            if let Err(e) = out.write_all(&buf[..n]) {
+                // A full disk: nothing half-written is kept.
+                drop(out);
+                let _ = std::fs::remove_file(part);
+                let _ = std::fs::remove_file(&meta_path);
+                return Err(FetchError::Permanent(format!(
+                    "cannot write the download {}: {e}",
+                    part.display()
+                )));
+            }
             hasher.update(&buf[..n]);
             done += n as u64;
             crate::updater::fault::point_at("download", done);

@@ -5,4 +5,5 @@ mod util;
 mod box_updater;
 mod build_update;
 mod hostile_images;
+mod network_faults;
 mod update_server;
