@@ -188,7 +188,8 @@ impl Engine {
                     s.target_version = target;
                 }
             });
-            if !message.is_empty() {
+            // A failure logs itself, once, as an error.
+            if !message.is_empty() && step != Step::Failed {
                 self.log.info(&message);
             }
             crate::updater::fault::point(&format!("before:{}", step_name(step)));

@@ -157,7 +157,9 @@ impl Http {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         let mut offset = match (&meta, std::fs::metadata(part)) {
-            (Some(m), Ok(st)) if m.url == url && st.len() > 0 => st.len(),
+            // The part is named after the image, so it is the same image wherever it came from;
+            // ETag and Content-Range decide whether its bytes can be continued.
+            (Some(_), Ok(st)) if st.len() > 0 => st.len(),
             _ => 0,
         };
         let mut hasher = Sha256::new();

@@ -411,7 +411,7 @@ impl CuttingProxy {
                     seen.lock().unwrap().push(format!("{first} {range}"));
                     let image = first.contains(".tar.bz2 ") && !first.contains("/latest");
                     let mut up = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
-                    up.write_all(&req).unwrap();
+                    up.write_all(&close_request(&req)).unwrap();
                     let cut_this = image && cuts.fetch_sub(1, Ordering::SeqCst) == 1;
                     let mut buf = [0u8; 8192];
                     let mut sent = 0usize;
@@ -436,6 +436,17 @@ impl CuttingProxy {
         });
         CuttingProxy { port, seen }
     }
+}
+
+/// The request with `Connection: close`, so that the upstream ends its answer with EOF.
+fn close_request(req: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(req);
+    let mut lines: Vec<&str> = text
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .collect();
+    lines.truncate(lines.len().saturating_sub(2));
+    (lines.join("\r\n") + "\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
 #[test]

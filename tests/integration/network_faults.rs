@@ -55,14 +55,20 @@ fn fetch(upstream: u16, req: &[u8]) -> (String, Vec<u8>) {
     let mut up = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
     // One request per connection: drop any Connection header and ask for close.
     let text = String::from_utf8_lossy(req);
-    let mut lines: Vec<&str> = text.split("\r\n").filter(|l| !l.to_ascii_lowercase().starts_with("connection:")).collect();
+    let mut lines: Vec<&str> = text
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .collect();
     lines.truncate(lines.len().saturating_sub(2));
     let text = lines.join("\r\n") + "\r\nConnection: close\r\n\r\n";
     up.write_all(text.as_bytes()).unwrap();
     let mut all = Vec::new();
     up.read_to_end(&mut all).unwrap();
     let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    (String::from_utf8_lossy(&all[..split]).into_owned(), all[split..].to_vec())
+    (
+        String::from_utf8_lossy(&all[..split]).into_owned(),
+        all[split..].to_vec(),
+    )
 }
 
 impl Proxy {
@@ -80,36 +86,79 @@ impl Proxy {
                 let other = other_image.clone();
                 std::thread::spawn(move || {
                     let _ = client.set_write_timeout(Some(Duration::from_secs(10)));
-                    let Some(req) = read_head(&mut client) else { return };
+                    let Some(req) = read_head(&mut client) else {
+                        return;
+                    };
                     let text = String::from_utf8_lossy(&req).into_owned();
                     let line = text.lines().next().unwrap_or("").to_string();
-                    let range = text.lines().any(|l| l.to_ascii_lowercase().starts_with("range:"));
+                    let range = text
+                        .lines()
+                        .any(|l| l.to_ascii_lowercase().starts_with("range:"));
                     reqs.lock().unwrap().push(text.clone());
                     let is_image = line.contains(".tar.bz2 ");
-                    let nth_image = if is_image { image_requests.fetch_add(1, Ordering::SeqCst) } else { usize::MAX };
+                    let nth_image = if is_image {
+                        image_requests.fetch_add(1, Ordering::SeqCst)
+                    } else {
+                        usize::MAX
+                    };
                     let reply = |client: &mut TcpStream, head: &str, body: &[u8]| {
                         let _ = client.write_all(head.as_bytes());
                         let _ = client.write_all(body);
                     };
                     match fault {
                         Fault::RedirectElsewhere if line.contains("/latest") => {
-                            let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-                            reply(&mut client, &format!("HTTP/1.1 303 See Other\r\nLocation: http://127.0.0.1:{dead}/update/opq-box-update-{V2}.tar.bz2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"), b"");
+                            let dead = TcpListener::bind("127.0.0.1:0")
+                                .unwrap()
+                                .local_addr()
+                                .unwrap()
+                                .port();
+                            reply(
+                                &mut client,
+                                &format!(
+                                    "HTTP/1.1 303 See Other\r\nLocation: http://127.0.0.1:{dead}/update/opq-box-update-{V2}.tar.bz2\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                                ),
+                                b"",
+                            );
                         }
-                        Fault::Status404 if is_image => reply(&mut client, "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found", b""),
-                        Fault::Status500 if is_image || line.contains("/version") => {
-                            reply(&mut client, "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\nConnection: close\r\n\r\noops", b"")
-                        }
+                        Fault::Status404 if is_image => reply(
+                            &mut client,
+                            "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found",
+                            b"",
+                        ),
+                        Fault::Status500 if is_image || line.contains("/version") => reply(
+                            &mut client,
+                            "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\nConnection: close\r\n\r\noops",
+                            b"",
+                        ),
                         Fault::IgnoreRange if is_image && range => {
-                            let plain = text.lines().filter(|l| !l.to_ascii_lowercase().starts_with("range:")).collect::<Vec<_>>().join("\r\n") + "\r\n";
+                            let plain = text
+                                .lines()
+                                .filter(|l| !l.to_ascii_lowercase().starts_with("range:"))
+                                .collect::<Vec<_>>()
+                                .join("\r\n")
+                                + "\r\n";
                             let (head, body) = fetch(upstream, plain.as_bytes());
                             reply(&mut client, &head, &body);
                         }
                         Fault::OtherFileOnResume if is_image && range => {
                             let other = other.unwrap();
-                            let asked: usize = text.lines().find(|l| l.to_ascii_lowercase().starts_with("range:")).and_then(|l| l.split('=').nth(1)).and_then(|r| r.trim_end_matches('-').trim().parse().ok()).unwrap_or(0);
+                            let asked: usize = text
+                                .lines()
+                                .find(|l| l.to_ascii_lowercase().starts_with("range:"))
+                                .and_then(|l| l.split('=').nth(1))
+                                .and_then(|r| r.trim_end_matches('-').trim().parse().ok())
+                                .unwrap_or(0);
                             let rest = &other[asked.min(other.len())..];
-                            reply(&mut client, &format!("HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {asked}-{}/{}\r\nETag: \"another-file\"\r\nConnection: close\r\n\r\n", rest.len(), other.len() - 1, other.len()), rest);
+                            reply(
+                                &mut client,
+                                &format!(
+                                    "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {asked}-{}/{}\r\nETag: \"another-file\"\r\nConnection: close\r\n\r\n",
+                                    rest.len(),
+                                    other.len() - 1,
+                                    other.len()
+                                ),
+                                rest,
+                            );
                         }
                         Fault::LongerThanLength if is_image => {
                             let (head, mut body) = fetch(upstream, &req);
@@ -171,11 +220,22 @@ fn setup() -> (Setup, BoxUnderTest) {
         std::fs::rename(e.path(), updates.join(e.file_name())).unwrap();
     }
     let server = start_update_server(&updates);
-    (Setup { dir, server, v2_image }, b)
+    (
+        Setup {
+            dir,
+            server,
+            v2_image,
+        },
+        b,
+    )
 }
 
 fn point_box_at(b: &BoxUnderTest, port: u16) {
-    std::fs::write(&b.config, format!("{{\"updates_ep\": \"http://127.0.0.1:{port}\"}}\n")).unwrap();
+    std::fs::write(
+        &b.config,
+        format!("{{\"updates_ep\": \"http://127.0.0.1:{port}\"}}\n"),
+    )
+    .unwrap();
 }
 
 /// Runs `update` and returns (exit code, stderr, seconds taken); the run must end in time.
@@ -184,20 +244,32 @@ fn update(b: &BoxUnderTest, extra: &[&str]) -> (Option<i32>, String, f64) {
     let mut args = vec!["update", "--network-timeout", "2"];
     args.extend_from_slice(extra);
     let o = b.run(&args);
-    (o.status.code(), stderr(&o) + &stdout(&o), t.elapsed().as_secs_f64())
+    (
+        o.status.code(),
+        stderr(&o) + &stdout(&o),
+        t.elapsed().as_secs_f64(),
+    )
 }
 
 fn assert_untouched(b: &BoxUnderTest) {
     assert_eq!(b.current_version(), Some(V1));
     assert_eq!(b.reboot_count(), 1);
     b.assert_current_complete();
-    assert!(!b.releases().iter().any(|r| r.contains(&V2.to_string())), "{:?}", b.releases());
+    assert!(
+        !b.releases().iter().any(|r| r.contains(&V2.to_string())),
+        "{:?}",
+        b.releases()
+    );
 }
 
 #[test]
 fn connection_refused_is_a_clear_bounded_failure() {
     let (_s, b) = setup();
-    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     point_box_at(&b, dead);
     let (code, err, secs) = update(&b, &["--retries", "2"]);
     assert_eq!(code, Some(1));
@@ -216,7 +288,11 @@ fn reset_mid_body_is_retried_and_resumed() {
     assert_eq!(b.current_version(), Some(V2));
     b.assert_current_complete();
     let reqs = p.requests.lock().unwrap();
-    assert!(reqs.iter().any(|r| r.to_ascii_lowercase().contains("range: bytes=")), "the retry resumed");
+    assert!(
+        reqs.iter()
+            .any(|r| r.to_ascii_lowercase().contains("range: bytes=")),
+        "the retry resumed"
+    );
 }
 
 #[test]
@@ -226,7 +302,10 @@ fn a_stall_longer_than_the_read_timeout_is_cut_and_resumed() {
     point_box_at(&b, p.port);
     let (code, err, secs) = update(&b, &[]);
     assert_eq!(code, Some(0), "{err}");
-    assert!(secs < 8.0, "the stall was not cut by the 2 s read timeout: {secs} s");
+    assert!(
+        secs < 8.0,
+        "the stall was not cut by the 2 s read timeout: {secs} s"
+    );
     assert_eq!(b.current_version(), Some(V2));
 }
 
@@ -264,7 +343,10 @@ fn a_different_file_on_resume_is_never_spliced() {
         assert_eq!(b.current_version(), Some(V2));
         b.assert_current_complete();
     } else {
-        assert!(err.contains("sha256") || err.contains("starting over") || err.contains("restarting"), "{err}");
+        assert!(
+            err.contains("sha256") || err.contains("starting over") || err.contains("restarting"),
+            "{err}"
+        );
         assert_untouched(&b);
     }
     let _ = s.dir.path();
@@ -278,7 +360,14 @@ fn not_found_and_server_errors_fail_cleanly() {
         point_box_at(&b, p.port);
         let (code, err, secs) = update(&b, &["--retries", "2"]);
         assert_eq!(code, Some(1), "{fault:?}: {err}");
-        assert!(err.contains(if fault == Fault::Status404 { "404" } else { "500" }), "{fault:?}: {err}");
+        assert!(
+            err.contains(if fault == Fault::Status404 {
+                "404"
+            } else {
+                "500"
+            }),
+            "{fault:?}: {err}"
+        );
         assert!(secs < 10.0, "{fault:?}: {secs} s");
         assert_untouched(&b);
     }

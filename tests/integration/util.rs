@@ -248,7 +248,12 @@ impl BoxUnderTest {
             .arg(&self.config)
             .arg("--reboot-command")
             .arg(format!("echo reboot >> '{}'", self.reboots.display()))
-            .args(["--retry-delay-ms", "50", "--network-timeout", "5"])
+            .args(["--retry-delay-ms", "50"])
+            .args(if args.contains(&"--network-timeout") {
+                &[][..]
+            } else {
+                &["--network-timeout", "5"][..]
+            })
             .env("RUST_LOG", "warn");
         c
     }

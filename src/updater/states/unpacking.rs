@@ -54,6 +54,7 @@ impl Unpacking {
         );
         if result.is_err() {
             let _ = std::fs::remove_file(&self.file);
+            let _ = std::fs::remove_file(crate::updater::http::meta_path(&self.file));
         }
         let stats = result?;
         engine.sync_disk(partial.path());
