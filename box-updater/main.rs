@@ -81,6 +81,9 @@ struct Opts {
     /// Largest size, in MiB, an image may expand to.
     #[arg(long, global = true, value_name = "MIB", default_value_t = 4096)]
     max_expanded_mib: u64,
+    /// Space, in MiB, always left free on the box's disk.
+    #[arg(long, global = true, value_name = "MIB", default_value_t = 32)]
+    reserve_mib: u64,
     /// Retries of a failed download before giving up.
     #[arg(long, global = true, value_name = "N", default_value_t = 5)]
     retries: u32,
@@ -118,6 +121,7 @@ fn settings(opts: &Opts) -> anyhow::Result<Settings> {
     s.install_timeout = Duration::from_secs(opts.install_timeout);
     s.max_boots = opts.max_boots;
     s.max_expanded = opts.max_expanded_mib << 20;
+    s.reserve = opts.reserve_mib << 20;
     s.retries = opts.retries;
     s.retry_delay = Duration::from_millis(opts.retry_delay_ms);
     Ok(s)

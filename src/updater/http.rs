@@ -237,9 +237,13 @@ impl Http {
         if let Some(t) = total
             && t > max_size
         {
+            // What was downloaded so far only takes the space the box lacks.
+            let _ = std::fs::remove_file(part);
+            let _ = std::fs::remove_file(&meta_path);
             return Err(FetchError::Permanent(format!(
-                "the image is {} MiB, more than this box can hold",
-                t >> 20
+                "not enough free space: the image is {:.1} MiB and, with its unpacked copy, needs about {:.1} MiB; free up space on the box",
+                t as f64 / 1048576.0,
+                t as f64 * 3.0 / 1048576.0
             )));
         }
         let new_meta = PartMeta {

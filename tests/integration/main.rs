@@ -4,6 +4,7 @@ mod util;
 
 mod box_updater;
 mod build_update;
+mod faults;
 mod hostile_images;
 mod network_faults;
 mod update_server;

@@ -221,6 +221,8 @@ pub struct BoxUnderTest {
     pub root: PathBuf,
     pub config: PathBuf,
     pub reboots: PathBuf,
+    /// `--reserve-mib`, for boxes on a deliberately small disk.
+    pub reserve_mib: Option<u64>,
 }
 
 impl BoxUnderTest {
@@ -235,6 +237,7 @@ impl BoxUnderTest {
             root,
             config,
             reboots,
+            reserve_mib: None,
         }
     }
 
@@ -255,6 +258,9 @@ impl BoxUnderTest {
                 &["--network-timeout", "5"][..]
             })
             .env("RUST_LOG", "warn");
+        if let Some(r) = self.reserve_mib {
+            c.arg("--reserve-mib").arg(r.to_string());
+        }
         c
     }
 
