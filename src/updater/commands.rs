@@ -21,7 +21,9 @@ pub fn status_json(engine: &Engine) -> serde_json::Value {
     obj.insert("version".into(), json!(engine.layout().installed_version()));
     obj.insert("running".into(), json!(running));
     obj.insert("log_tail".into(), json!(engine.log.tail(20)));
-    if !running && s.state.is_running() {
+    // An update that reached `rebooting` has finished its work and waits for the restart, so
+    // only the other steps, found without the lock, mean an interrupted update.
+    if !running && s.state.is_running() && s.state != Step::Rebooting {
         // The process that was updating is gone (killed or power cut): say so instead of
         // claiming it still runs.
         obj.insert("state".into(), json!(Step::Failed));
