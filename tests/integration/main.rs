@@ -6,3 +6,4 @@ mod box_updater;
 mod build_update;
 mod hostile_images;
 mod update_server;
+mod web_api;
