@@ -491,7 +491,8 @@ fn cross_origin_and_non_json_requests_are_refused_and_start_nothing() {
     let lookalike = format!("http://127.0.0.1:{port}.evil.example");
     let json_ct = ("Content-Type", "application/json");
 
-    let refused: Vec<(&str, Vec<(&str, &str)>, u16)> = vec![
+    type Headers<'a> = Vec<(&'a str, &'a str)>;
+    let refused: Vec<(&str, Headers, u16)> = vec![
         (
             "foreign Origin",
             vec![("Origin", "http://evil.example"), json_ct],
