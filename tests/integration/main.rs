@@ -3,6 +3,7 @@
 mod util;
 
 mod box_updater;
+mod browser;
 mod build_update;
 mod hostile_images;
 mod update_server;
