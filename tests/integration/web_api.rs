@@ -60,8 +60,7 @@ pub fn request(
     s.write_all(head.as_bytes()).unwrap();
     // The server may answer (and close) before reading a refused body; that is its right.
     let _ = s.write_all(body);
-    let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
+    let raw = read_answer(&mut s);
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
@@ -88,6 +87,35 @@ pub fn request(
         status,
         headers,
         body,
+    }
+}
+
+/// Reads one answer: up to its Content-Length or last chunk, so that a server keeping the
+/// connection open despite `Connection: close` can't stall a test; else to the end.
+fn read_answer(s: &mut TcpStream) -> Vec<u8> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        // A reset after a complete answer (a refused body left unread) ends it as well.
+        let n = s.read(&mut buf).unwrap_or_default();
+        if n == 0 {
+            return raw;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        let body = &raw[split + 4..];
+        let length = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok());
+        if length.is_some_and(|len| body.len() >= len)
+            || (head.contains("transfer-encoding: chunked") && body.ends_with(b"0\r\n\r\n"))
+        {
+            return raw;
+        }
     }
 }
 
