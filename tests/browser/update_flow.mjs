@@ -183,6 +183,8 @@ try {
   await page.waitForFunction(() => /SHA256SUMS/.test(document.getElementById('last-reason')?.textContent || ''), null, { timeout: 20000 });
   await page.locator('#step[data-state="failed"]').waitFor();
   assert.equal(await page.locator('#installed').getAttribute('data-version'), V_NEW);
+  assert.equal(await page.locator('#steps li.failed').innerText(), 'Unpacking');
+  assert.equal(await page.locator('#steps li.skipped').count(), 2, 'an import has no check or download');
   await screenshot('import-refused');
 
   // 8. The config editor: errors appear under the text the user typed, and are never HTML.
