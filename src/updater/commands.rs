@@ -16,7 +16,7 @@ pub const EXIT_BUSY: i32 = 3;
 pub fn status_json(engine: &Engine) -> serde_json::Value {
     let s = engine.status.get();
     let mut v = serde_json::to_value(&s).expect("status serializes");
-    let running = engine.lock().is_err();
+    let running = engine.update_running();
     let obj = v.as_object_mut().expect("status is an object");
     obj.insert("version".into(), json!(engine.layout().installed_version()));
     obj.insert("running".into(), json!(running));

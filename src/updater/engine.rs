@@ -134,13 +134,28 @@ impl Engine {
         &self.settings.layout
     }
 
+    /// Takes the lock at once or says who holds it: for asking whether an update runs.
     pub fn lock(&self) -> Result<UpdateLock, LockError> {
         UpdateLock::try_acquire(&self.layout().lock_file())
     }
 
+    /// Whether an update runs, in this process or another. Probes here take turns, since two at
+    /// once would each take the other's brief hold for a running update.
+    pub fn update_running(&self) -> bool {
+        static PROBE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = PROBE.lock().unwrap_or_else(|e| e.into_inner());
+        self.lock().is_err()
+    }
+
+    /// The lock for a run of the state machine, waiting out readers that probe it (see
+    /// `UpdateLock::acquire_within`).
+    fn lock_for_run(&self) -> Result<UpdateLock, LockError> {
+        UpdateLock::acquire_within(&self.layout().lock_file(), Duration::from_millis(500))
+    }
+
     /// Runs one update from `source` to its end under the lock; returns the final status.
     pub fn update(&self, source: Source) -> Result<Status, RunError> {
-        let _lock = self.lock()?;
+        let _lock = self.lock_for_run()?;
         self.clean_leftovers();
         self.status.update(|s| {
             s.started_at = Some(unix_now());
@@ -162,7 +177,7 @@ impl Engine {
 
     /// After a boot: confirms a switched release, or rolls it back. Nothing pending: no-op.
     pub fn confirm(&self) -> Result<Status, RunError> {
-        let _lock = self.lock()?;
+        let _lock = self.lock_for_run()?;
         self.clean_leftovers();
         match self.status.get().pending {
             Some(p) => Ok(self.drive(State::confirming(p))),
@@ -172,7 +187,7 @@ impl Engine {
 
     /// Switches back to the previous release by hand.
     pub fn rollback(&self, reason: &str) -> Result<Status, RunError> {
-        let _lock = self.lock()?;
+        let _lock = self.lock_for_run()?;
         Ok(self.drive(State::rolling_back(self, reason)))
     }
 

@@ -318,7 +318,7 @@ impl Web {
         {
             return Err(error(409, "an update is already running"));
         }
-        if self.engine.lock().is_err() {
+        if self.engine.update_running() {
             self.busy.store(false, Ordering::SeqCst);
             return Err(error(409, "an update is already running"));
         }

@@ -3,8 +3,10 @@
 mod util;
 
 mod box_updater;
+mod browser;
 mod build_update;
 mod faults;
 mod hostile_images;
 mod network_faults;
 mod update_server;
+mod web_api;
