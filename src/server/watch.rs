@@ -104,18 +104,16 @@ impl Watcher {
 
     fn run(&mut self, stop: &AtomicBool) {
         while !stop.load(Ordering::Relaxed) {
-            if self.watched.is_none() {
-                if self.dir.is_dir() {
-                    match self.establish() {
-                        Ok(()) => log::info!(
-                            "update directory {} is back: {}",
-                            self.dir.display(),
-                            self.index.snapshot().summary()
-                        ),
-                        Err(e) => {
-                            self.watched = None;
-                            log::debug!("update directory not ready yet: {e:#}");
-                        }
+            if self.watched.is_none() && self.dir.is_dir() {
+                match self.establish() {
+                    Ok(()) => log::info!(
+                        "update directory {} is back: {}",
+                        self.dir.display(),
+                        self.index.snapshot().summary()
+                    ),
+                    Err(e) => {
+                        self.watched = None;
+                        log::debug!("update directory not ready yet: {e:#}");
                     }
                 }
             }
