@@ -476,6 +476,11 @@ pub fn file_response(
         }
         RangeAsk::Unsatisfiable => {
             resp.status = 416;
+            // The body is a message now, not the file.
+            resp.headers.retain(|(n, _)| {
+                !n.eq_ignore_ascii_case("Content-Type")
+                    && !n.eq_ignore_ascii_case("Content-Disposition")
+            });
             resp.headers
                 .push(("Content-Range", format!("bytes */{}", info.size).into()));
             resp.headers
@@ -871,6 +876,62 @@ mod tests {
         ] {
             assert_eq!(parse_range(h, size), want, "{h}");
         }
+    }
+
+    #[test]
+    fn file_answers_carry_one_content_type_each() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, b"0123456789").unwrap();
+        let info = FileInfo::from_metadata(&std::fs::metadata(&p).unwrap());
+        let answer = |req: &Request| {
+            let headers = vec![
+                ("Content-Type", "application/x-bzip2".into()),
+                ("Content-Disposition", "attachment; filename=\"f\"".into()),
+            ];
+            file_response(req, File::open(&p).unwrap(), &info, headers)
+        };
+        let types = |r: &Response| -> Vec<String> {
+            r.headers
+                .iter()
+                .filter(|(n, _)| *n == "Content-Type")
+                .map(|(_, v)| v.to_string())
+                .collect()
+        };
+        let r = answer(&Request {
+            range: Some("bytes=20-".into()),
+            ..Request::default()
+        });
+        assert_eq!(r.status, 416);
+        assert_eq!(types(&r), ["text/plain; charset=utf-8"]);
+        let r = answer(&Request {
+            range: Some("bytes=2-3".into()),
+            ..Request::default()
+        });
+        assert_eq!(r.status, 206);
+        assert_eq!(types(&r), ["application/x-bzip2"]);
+        assert!(matches!(
+            r.body,
+            Body::File {
+                offset: 2,
+                len: 2,
+                ..
+            }
+        ));
+        let r = answer(&Request {
+            if_modified_since: Some(http_date(info.mtime)),
+            ..Request::default()
+        });
+        assert_eq!(r.status, 304);
+        let r = answer(&Request {
+            if_none_match: Some("\"other\"".into()),
+            if_modified_since: Some(http_date(info.mtime)),
+            ..Request::default()
+        });
+        assert_eq!(
+            r.status, 200,
+            "If-None-Match decides over If-Modified-Since"
+        );
     }
 
     #[test]

@@ -82,10 +82,12 @@ impl Image {
     pub fn digest(&self, dir: &Path) -> Option<String> {
         self.digest
             .get_or_init(|| {
-                if let Some(info) = &self.sha256
-                    && let Some(d) = read_sidecar(dir, &self.name, info)
-                {
-                    return Some(d);
+                let from_sidecar = self
+                    .sha256
+                    .as_ref()
+                    .and_then(|info| read_sidecar(dir, &self.name, info));
+                if from_sidecar.is_some() {
+                    return from_sidecar;
                 }
                 let file = open_indexed(dir, &self.name.file_name(), &self.file).ok()?;
                 match sums::sha256_reader(file) {

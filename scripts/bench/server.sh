@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# update-server against nginx (Debian), side by side in one run, serving the same files:
+#   1. wrk on /version, 64 connections (nginx serves a static `version` file);
+#   2. 16 parallel downloads of a 512 MiB image to /dev/null;
+# and the peak RSS (VmHWM) of each server. Each measurement runs twice, alternating the two
+# servers, and the better run counts, so that a burst of other work on the machine does not decide.
+#
+#   scripts/bench/server.sh [RESULTS.md]     # appends a markdown section to RESULTS.md (or stdout)
+#
+# Targets: /version >= 0.8x nginx's requests/s; download throughput >= 0.8x nginx's; peak RSS
+# under 32 MiB. Env: BENCH_SECS (wrk duration, default 8), BENCH_MIB (image size, default 512),
+# BENCH_DOWNLOADS (default 16), CARGO_TARGET_DIR.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+results=${1:-}
+secs=${BENCH_SECS:-8}
+mib=${BENCH_MIB:-512}
+downloads=${BENCH_DOWNLOADS:-16}
+version=1700000000
+image=opq-box-update-$version.tar.bz2
+
+nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
+for tool in wrk curl "$nginx_bin"; do
+    command -v "$tool" >/dev/null 2>&1 || {
+        echo "server.sh: $tool is missing (Debian packages: wrk curl nginx-light)" >&2
+        exit 1
+    }
+done
+
+echo "server.sh: building update-server (release)" >&2
+cargo build --release --quiet --bin update-server
+server_bin=${CARGO_TARGET_DIR:-target}/release/update-server
+
+work=$(mktemp -d /tmp/opq-bench-server.XXXXXX)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+# nginx's workers drop root privileges: everything they read must be world-readable.
+chmod 755 "$work"
+mkdir -m 755 "$work/updates" "$work/nginx"
+
+echo "server.sh: writing a $mib MiB image" >&2
+head -c $((mib << 20)) /dev/urandom >"$work/updates/$image"
+(cd "$work/updates" && sha256sum "$image" >"$image.sha256")
+printf '%s' "$version" >"$work/updates/version"
+chmod 644 "$work/updates"/*
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+wait_port() {
+    for _ in $(seq 200); do
+        curl -s -o /dev/null "http://127.0.0.1:$1/version" && return 0
+        sleep 0.05
+    done
+    echo "server.sh: nothing answers on port $1" >&2
+    exit 1
+}
+
+ours_port=$(free_port)
+RUST_LOG=info "$server_bin" --dir "$work/updates" --bind 127.0.0.1 --port "$ours_port" \
+    2>"$work/ours.log" &
+ours_pid=$!
+pids+=("$ours_pid")
+
+nginx_port=$(free_port)
+cat >"$work/nginx/nginx.conf" <<EOF
+daemon off;
+worker_processes auto;
+pid $work/nginx/nginx.pid;
+error_log $work/nginx/error.log;
+events { worker_connections 1024; }
+http {
+    # As Debian's nginx.conf ships: sendfile and TCP_CORK, an access log line per request.
+    sendfile on;
+    tcp_nopush on;
+    access_log $work/nginx/access.log;
+    client_body_temp_path $work/nginx/body;
+    proxy_temp_path $work/nginx/proxy;
+    fastcgi_temp_path $work/nginx/fastcgi;
+    uwsgi_temp_path $work/nginx/uwsgi;
+    scgi_temp_path $work/nginx/scgi;
+    default_type application/octet-stream;
+    server {
+        listen 127.0.0.1:$nginx_port;
+        root $work/updates;
+        location = /version { default_type text/plain; }
+        location /update/ { alias $work/updates/; }
+    }
+}
+EOF
+"$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" 2>"$work/nginx/stderr.log" &
+nginx_pid=$!
+pids+=("$nginx_pid")
+
+wait_port "$ours_port"
+wait_port "$nginx_port"
+
+# Both read the image from the page cache.
+cat "$work/updates/$image" >/dev/null
+
+rps() { # port -> requests/s
+    wrk -t2 -c64 -d"${secs}s" "http://127.0.0.1:$1/version" | awk '/^Requests\/sec:/ {print $2}'
+}
+download() { # port -> MiB/s for $downloads parallel downloads
+    local url="http://127.0.0.1:$1/update/$image" t0 t1 p failed=0
+    local curls=()
+    t0=$(date +%s.%N)
+    for _ in $(seq "$downloads"); do
+        curl -s -f -o /dev/null "$url" &
+        curls+=($!)
+    done
+    for p in "${curls[@]}"; do wait "$p" || failed=1; done
+    t1=$(date +%s.%N)
+    [ "$failed" -eq 0 ] || { echo "server.sh: a download from port $1 failed" >&2; exit 1; }
+    awk -v t0="$t0" -v t1="$t1" -v n="$downloads" -v mib="$mib" 'BEGIN { printf "%.0f", n * mib / (t1 - t0) }'
+}
+hwm_kib() { # pid -> VmHWM in KiB
+    awk '/^VmHWM:/ {print $2}' "/proc/$1/status"
+}
+max() { awk -v a="$1" -v b="$2" 'BEGIN { print (a > b ? a : b) }'; }
+
+ours_rps=0 nginx_rps=0 ours_dl=0 nginx_dl=0
+for round in 1 2; do
+    echo "server.sh: round $round: wrk on /version, ${secs}s, 64 connections" >&2
+    ours_rps=$(max "$ours_rps" "$(rps "$ours_port")")
+    nginx_rps=$(max "$nginx_rps" "$(rps "$nginx_port")")
+    echo "server.sh: round $round: $downloads parallel downloads of $mib MiB" >&2
+    ours_dl=$(max "$ours_dl" "$(download "$ours_port")")
+    nginx_dl=$(max "$nginx_dl" "$(download "$nginx_port")")
+done
+
+ours_hwm=$(hwm_kib "$ours_pid")
+# nginx's memory is its master and workers together.
+nginx_hwm=0
+for p in "$nginx_pid" $(pgrep -P "$nginx_pid" || true); do
+    nginx_hwm=$((nginx_hwm + $(hwm_kib "$p")))
+done
+ours_threads=$(awk '/^Threads:/ {print $2}' "/proc/$ours_pid/status")
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }
+verdict() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "MISSED") }'; }
+rps_ratio=$(ratio "$ours_rps" "$nginx_rps")
+dl_ratio=$(ratio "$ours_dl" "$nginx_dl")
+hwm_mib=$(awk -v k="$ours_hwm" 'BEGIN { printf "%.1f", k / 1024 }')
+nginx_hwm_mib=$(awk -v k="$nginx_hwm" 'BEGIN { printf "%.1f", k / 1024 }')
+rss_verdict=$(awk -v m="$hwm_mib" 'BEGIN { print (m < 32 ? "met" : "MISSED") }')
+
+echo "update-server vs nginx: /version ${ours_rps} vs ${nginx_rps} req/s (${rps_ratio}x), downloads ${ours_dl} vs ${nginx_dl} MiB/s (${dl_ratio}x), peak RSS ${hwm_mib} MiB (nginx ${nginx_hwm_mib} MiB)"
+
+section=$(
+    cat <<EOF
+
+## update-server vs nginx ($(date -u +%Y-%m-%d), $(nproc) cores, nginx $("$nginx_bin" -v 2>&1 | sed 's|.*/||'))
+
+| Measure | update-server | nginx | ours / nginx | Target | |
+|---|---:|---:|---:|---|---|
+| \`/version\`, wrk 64 connections, ${secs} s (req/s) | ${ours_rps} | ${nginx_rps} | ${rps_ratio} | >= 0.8 | $(verdict "$rps_ratio" 0.8) |
+| ${downloads} parallel downloads of ${mib} MiB (MiB/s, total) | ${ours_dl} | ${nginx_dl} | ${dl_ratio} | >= 0.8 | $(verdict "$dl_ratio" 0.8) |
+| Peak RSS, VmHWM (MiB) | ${hwm_mib} | ${nginx_hwm_mib} (master + workers) | | < 32 | ${rss_verdict} |
+
+Best of two alternating rounds; both servers log every request; nginx as Debian configures it
+(sendfile, tcp_nopush). update-server had ${ours_threads} threads at the end.
+EOF
+)
+if [ -n "$results" ]; then
+    printf '%s\n' "$section" >>"$results"
+    echo "server.sh: appended to $results" >&2
+else
+    printf '%s\n' "$section"
+fi
