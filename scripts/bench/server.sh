@@ -50,8 +50,12 @@ head -c $((mib << 20)) /dev/urandom >"$work/updates/$image"
 printf '%s' "$version" >"$work/updates/version"
 chmod 644 "$work/updates"/*
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+free_port() { # a port nothing answers on
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 40000))
+        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+    done
 }
 wait_port() {
     for _ in $(seq 200); do
@@ -62,11 +66,16 @@ wait_port() {
     exit 1
 }
 
-ours_port=$(free_port)
-RUST_LOG=info "$server_bin" --dir "$work/updates" --bind 127.0.0.1 --port "$ours_port" \
-    2>"$work/ours.log" &
+RUST_LOG=info "$server_bin" --dir "$work/updates" --bind 127.0.0.1 --port 0 2>"$work/ours.log" &
 ours_pid=$!
 pids+=("$ours_pid")
+ours_port=
+for _ in $(seq 200); do
+    ours_port=$(sed -n 's/.*listening on 127\.0\.0\.1:\([0-9]*\).*/\1/p' "$work/ours.log")
+    [ -n "$ours_port" ] && break
+    sleep 0.05
+done
+[ -n "$ours_port" ] || { echo "server.sh: update-server did not start:" >&2; cat "$work/ours.log" >&2; exit 1; }
 
 nginx_port=$(free_port)
 cat >"$work/nginx/nginx.conf" <<EOF

@@ -269,8 +269,6 @@ pub struct Response {
     pub status: u16,
     pub headers: Vec<(&'static str, Cow<'static, str>)>,
     pub body: Body,
-    /// Close the connection after this response.
-    pub close: bool,
 }
 
 impl Response {
@@ -283,7 +281,6 @@ impl Response {
             status,
             headers: vec![("Content-Type", Cow::Borrowed(content_type))],
             body: Body::Bytes(body.into()),
-            close: false,
         }
     }
 
@@ -297,11 +294,6 @@ impl Response {
 
     pub fn with_header(mut self, name: &'static str, value: impl Into<Cow<'static, str>>) -> Self {
         self.headers.push((name, value.into()));
-        self
-    }
-
-    pub fn closing(mut self) -> Self {
-        self.close = true;
         self
     }
 }
@@ -416,7 +408,6 @@ pub fn file_response(
         status: 200,
         headers,
         body: Body::Bytes(Cow::Borrowed(b"")),
-        close: false,
     };
     resp.headers.push(("ETag", etag.clone().into()));
     resp.headers
@@ -594,6 +585,15 @@ pub fn serve_connection(
         // Read until a whole head is in, or it can't be.
         let mut started = (filled > 0).then(Instant::now);
         let head_len = loop {
+            // Blank lines before a request line are to be ignored (RFC 9112, 2.2).
+            let blank = buf[..filled]
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
+            if blank > 0 {
+                buf.copy_within(blank..filled, 0);
+                filled -= blank;
+            }
             if let Some(n) = head_end(&buf[..filled]) {
                 break Some(n);
             }
@@ -658,7 +658,7 @@ pub fn serve_connection(
         busy(true);
         let resp = handle(&req);
         let status = resp.status;
-        let keep_alive = req.keep_alive && !req.has_body && !resp.close && !stop();
+        let keep_alive = req.keep_alive && !req.has_body && !stop();
         let result = send(
             &mut stream,
             resp,

@@ -126,12 +126,12 @@ impl Snapshot {
         self.images.values().next_back()
     }
 
-    /// "3 images, newest opq-box-update-N.tar.bz2", for the log.
+    /// "3 images (newest opq-box-update-N.tar.bz2)", for the log.
     pub fn summary(&self) -> String {
         match (self.images.len(), self.newest()) {
             (_, None) => "no images".into(),
-            (1, Some(img)) => format!("1 image, {}", img.name),
-            (n, Some(img)) => format!("{n} images, newest {}", img.name),
+            (1, Some(img)) => format!("1 image ({})", img.name),
+            (n, Some(img)) => format!("{n} images (newest {})", img.name),
         }
     }
 

@@ -232,7 +232,7 @@ fn every_endpoint_answers_exactly() {
     let s = Server::start(&updates);
     assert!(
         s.log()
-            .contains("3 images, newest opq-box-update-1700000100.tar.bz2"),
+            .contains("3 images (newest opq-box-update-1700000100.tar.bz2) from "),
         "{}",
         s.log()
     );
@@ -466,6 +466,28 @@ fn a_file_still_being_written_is_not_listed_until_closed() {
 }
 
 #[test]
+fn the_rescan_finds_what_inotify_does_not_report_as_complete() {
+    let (d, updates) = setup();
+    // A hard link appears with IN_CREATE alone (no writer ever closes it), much as a file
+    // written on another host of a network file system shows up: only the rescan can take it.
+    let outside = d.write("outside.tar.bz2", "linked");
+    let mut c = cmd(UPDATE_SERVER);
+    c.env("BOX_UPDATE_SERVER_SETTINGS", r#"{"rescan_secs": 1}"#)
+        .args(["--bind", "127.0.0.1", "--port", "0", "--dir"])
+        .arg(&updates);
+    let s = spawn_env(c);
+    fs::hard_link(&outside, updates.join(image_name(V1))).unwrap();
+    eventually(Duration::from_secs(5), "the linked image", || {
+        s.get("/version").text() == V1.to_string()
+    });
+    assert_eq!(
+        s.get(&format!("/update/{}", image_name(V1))).text(),
+        "linked"
+    );
+    assert!(s.log().contains("rescan found changes"), "{}", s.log());
+}
+
+#[test]
 fn the_directory_removed_and_created_again_is_survived() {
     let (d, updates) = setup();
     fs::write(updates.join(image_name(V1)), b"one").unwrap();
@@ -646,7 +668,7 @@ fn keep_alive_and_pipelined_requests() {
     c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     c.write_all(
         format!(
-            "GET /version HTTP/1.1\r\nHost: x\r\n\r\nHEAD /ls HTTP/1.1\r\nHost: x\r\n\r\n\
+            "GET /version HTTP/1.1\r\nHost: x\r\n\r\n\r\nHEAD /ls HTTP/1.1\r\nHost: x\r\n\r\n\
              GET /update/{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
             image_name(V1)
         )
