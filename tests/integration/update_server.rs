@@ -948,3 +948,42 @@ fn sigterm_and_sigint_stop_it_cleanly() {
         assert!(s.log().contains(&format!("got {sig}")), "{}", s.log());
     }
 }
+
+#[test]
+fn the_container_settings_are_what_the_server_reads() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dockerfile = fs::read_to_string(root.join("update-server/Dockerfile")).unwrap();
+    let json = dockerfile
+        .split("BOX_UPDATE_SERVER_SETTINGS='")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .expect("the Dockerfile sets BOX_UPDATE_SERVER_SETTINGS");
+    let v: serde_json::Value = serde_json::from_str(json).unwrap();
+    assert_eq!(v["port"], 8151);
+    assert_eq!(v["updates_dir"], "/var/opq/box-updates");
+    assert!(
+        dockerfile.contains("VOLUME /var/opq/box-updates") && dockerfile.contains("EXPOSE 8151")
+    );
+
+    // The container's settings, with the directory and port moved by flags for the test.
+    let (_d, updates) = setup();
+    fs::write(updates.join(image_name(V1)), b"x").unwrap();
+    let mut c = cmd(UPDATE_SERVER);
+    c.env("BOX_UPDATE_SERVER_SETTINGS", json)
+        .args(["--bind", "127.0.0.1", "--port", "0", "--dir"])
+        .arg(&updates);
+    let s = spawn_env(c);
+    assert_eq!(s.get("/version").text(), V1.to_string());
+}
+
+#[test]
+fn the_scripts_are_shellcheck_clean() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    if !sh_ok(root, "command -v shellcheck") {
+        panic!("shellcheck is not installed: scripts/test.sh installs it");
+    }
+    sh(
+        root,
+        "shellcheck scripts/docker-run.sh scripts/bench/server.sh",
+    );
+}
