@@ -987,3 +987,41 @@ fn the_scripts_are_shellcheck_clean() {
         "shellcheck scripts/docker-run.sh scripts/bench/server.sh",
     );
 }
+
+#[test]
+fn an_unreadable_directory_is_a_clear_error() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Dir::new();
+    fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let locked = d.mkdir("locked");
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
+    // Root reads everything: the server runs as nobody then.
+    let mut c = if nix::unistd::geteuid().is_root() {
+        let mut c = cmd("setpriv");
+        c.args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            UPDATE_SERVER,
+        ]);
+        c
+    } else {
+        cmd(UPDATE_SERVER)
+    };
+    c.arg("--dir")
+        .arg(&locked)
+        .env_remove("BOX_UPDATE_SERVER_SETTINGS");
+    let o = run(&mut c);
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains(&format!(
+            "update-server: error: cannot read update directory {}",
+            locked.display()
+        )) && err.contains("ermission denied"),
+        "{err}"
+    );
+}
