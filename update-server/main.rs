@@ -1,6 +1,45 @@
-//! `update-server`: not built yet; see the open issues.
+//! `update-server`: serves a watched directory of OPQ Box update images to the fleet.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use opq_update::cli::{exit_with_error, init_logging};
+use opq_update::server::{self, Flags, Settings};
+
+/// Serves the update images in a directory (/version, /latest, /ls, /update/<name>), following
+/// the directory as images are added and removed. Settings may also come from the environment
+/// variable BOX_UPDATE_SERVER_SETTINGS, e.g. {"port": 8151, "updates_dir": "/var/opq/box-updates"};
+/// flags win.
+#[derive(Parser)]
+#[command(name = "update-server", disable_version_flag = true)]
+struct Cli {
+    /// Directory of opq-box-update-<VERSION>.tar.bz2 images and their sidecars
+    /// [default: /var/opq/box-updates].
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// TCP port to listen on; 0 picks a free one [default: 8151].
+    #[arg(long, value_name = "N")]
+    port: Option<u16>,
+    /// Address to listen on [default: 0.0.0.0].
+    #[arg(long, value_name = "ADDR")]
+    bind: Option<IpAddr>,
+    /// Seconds a client may stay silent, or leave a download unread, before it is dropped
+    /// [default: 30].
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<u64>,
+}
 
 fn main() {
-    eprintln!("update-server: not built yet; this program arrives with its own issue");
-    std::process::exit(3);
+    init_logging();
+    let cli = Cli::parse();
+    let flags = Flags {
+        dir: cli.dir,
+        port: cli.port,
+        bind: cli.bind,
+        timeout_secs: cli.timeout,
+    };
+    if let Err(e) = Settings::from_env(flags).and_then(server::run) {
+        exit_with_error("update-server", &e, 1);
+    }
 }

@@ -1,0 +1,228 @@
+//! The server's settings: command-line flags over `BOX_UPDATE_SERVER_SETTINGS` over defaults.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// The environment variable of the original docker deployment.
+pub const SETTINGS_ENV: &str = "BOX_UPDATE_SERVER_SETTINGS";
+pub const DEFAULT_PORT: u16 = 8151;
+pub const DEFAULT_DIR: &str = "/var/opq/box-updates";
+const DEFAULT_TIMEOUT_SECS: u64 = 30;
+const DEFAULT_RESCAN_SECS: u64 = 30;
+const DEFAULT_MAX_CONNECTIONS: usize = 512;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub dir: PathBuf,
+    pub bind: IpAddr,
+    pub port: u16,
+    /// How long a client may stay silent (between requests, or mid-request) or leave a response
+    /// unread before its connection is dropped.
+    pub timeout: Duration,
+    /// How often the directory is listed in full, for file systems where inotify misses events.
+    pub rescan: Duration,
+    /// Connections served at once; each has its own thread, so a slow download never holds up
+    /// another client. Beyond this, new clients get 503.
+    pub max_connections: usize,
+}
+
+/// What the command line gave; `None` means "not given".
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    pub dir: Option<PathBuf>,
+    pub port: Option<u16>,
+    pub bind: Option<IpAddr>,
+    pub timeout_secs: Option<u64>,
+}
+
+/// What the environment's JSON gave.
+#[derive(Debug, Default, PartialEq)]
+struct EnvSettings {
+    dir: Option<PathBuf>,
+    port: Option<u16>,
+    bind: Option<IpAddr>,
+    timeout_secs: Option<u64>,
+    rescan_secs: Option<u64>,
+    max_connections: Option<usize>,
+}
+
+impl Settings {
+    /// Merges flags, the environment's JSON (the text of `BOX_UPDATE_SERVER_SETTINGS`, if set)
+    /// and the defaults. Flags win.
+    pub fn resolve(flags: Flags, env_json: Option<&str>) -> Result<Settings> {
+        let env = match env_json.map(str::trim).filter(|s| !s.is_empty()) {
+            Some(text) => parse_env(text).with_context(|| format!("bad {SETTINGS_ENV}"))?,
+            None => EnvSettings::default(),
+        };
+        let positive = |n: u64, what: &str| -> Result<Duration> {
+            if n == 0 {
+                bail!("{what} must be at least 1 second");
+            }
+            Ok(Duration::from_secs(n))
+        };
+        let max_connections = env.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if max_connections == 0 {
+            bail!("max_connections must be at least 1");
+        }
+        Ok(Settings {
+            dir: flags
+                .dir
+                .or(env.dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR)),
+            bind: flags
+                .bind
+                .or(env.bind)
+                .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
+            port: flags.port.or(env.port).unwrap_or(DEFAULT_PORT),
+            timeout: positive(
+                flags
+                    .timeout_secs
+                    .or(env.timeout_secs)
+                    .unwrap_or(DEFAULT_TIMEOUT_SECS),
+                "the timeout",
+            )?,
+            rescan: positive(
+                env.rescan_secs.unwrap_or(DEFAULT_RESCAN_SECS),
+                "rescan_secs",
+            )?,
+            max_connections,
+        })
+    }
+
+    /// Reads the settings from the flags and the process environment.
+    pub fn from_env(flags: Flags) -> Result<Settings> {
+        let env = std::env::var(SETTINGS_ENV).ok();
+        Settings::resolve(flags, env.as_deref())
+    }
+}
+
+fn parse_env(text: &str) -> Result<EnvSettings> {
+    let value: Value = serde_json::from_str(text).context("it is not JSON")?;
+    let Value::Object(map) = value else {
+        bail!(
+            "it must be a JSON object such as {{\"port\": 8151, \"updates_dir\": \"{DEFAULT_DIR}\"}}"
+        );
+    };
+    let mut out = EnvSettings::default();
+    for (key, v) in &map {
+        match key.as_str() {
+            "port" => out.port = Some(number(v, key)?),
+            "updates_dir" => {
+                let s = v
+                    .as_str()
+                    .with_context(|| format!("\"updates_dir\" must be a string, not {v}"))?;
+                if s.is_empty() {
+                    bail!("\"updates_dir\" is empty");
+                }
+                out.dir = Some(PathBuf::from(s));
+            }
+            "bind" => {
+                let s = v
+                    .as_str()
+                    .with_context(|| format!("\"bind\" must be a string, not {v}"))?;
+                out.bind = Some(
+                    s.parse()
+                        .with_context(|| format!("\"bind\" {s:?} is not an IP address"))?,
+                );
+            }
+            "timeout_secs" => out.timeout_secs = Some(number(v, key)?),
+            "rescan_secs" => out.rescan_secs = Some(number(v, key)?),
+            "max_connections" => out.max_connections = Some(number(v, key)?),
+            // The deployment's JSON may carry keys meant for other services.
+            other => log::warn!("ignoring unknown setting {other:?} in {SETTINGS_ENV}"),
+        }
+    }
+    Ok(out)
+}
+
+/// A non-negative integer that fits `T`, given as a JSON number or a string of digits (as env
+/// files tend to quote everything).
+fn number<T: TryFrom<u64>>(v: &Value, key: &str) -> Result<T> {
+    let n = match v {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse().ok()
+        }
+        _ => None,
+    };
+    n.and_then(|n| T::try_from(n).ok())
+        .with_context(|| format!("{key:?} must be a non-negative integer in range, not {v}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_without_flags_or_env() {
+        let s = Settings::resolve(Flags::default(), None).unwrap();
+        assert_eq!(s.port, 8151);
+        assert_eq!(s.dir, PathBuf::from("/var/opq/box-updates"));
+        assert_eq!(s.bind, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(s.timeout, Duration::from_secs(30));
+        assert_eq!(Settings::resolve(Flags::default(), Some("  ")).unwrap(), s);
+    }
+
+    #[test]
+    fn env_json_of_the_docker_deployment_is_read() {
+        let s = Settings::resolve(
+            Flags::default(),
+            Some(r#"{"port": 9000, "updates_dir": "/srv/u", "bind": "127.0.0.1", "timeout_secs": "5"}"#),
+        )
+        .unwrap();
+        assert_eq!(s.port, 9000);
+        assert_eq!(s.dir, PathBuf::from("/srv/u"));
+        assert_eq!(s.bind, IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_eq!(s.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn flags_win_over_env() {
+        let flags = Flags {
+            dir: Some("/a".into()),
+            port: Some(1),
+            bind: Some("::1".parse().unwrap()),
+            timeout_secs: Some(2),
+        };
+        let s = Settings::resolve(
+            flags,
+            Some(r#"{"port": 9000, "updates_dir": "/b", "bind": "127.0.0.1", "timeout_secs": 9}"#),
+        )
+        .unwrap();
+        assert_eq!(
+            (s.dir, s.port, s.bind.to_string(), s.timeout.as_secs()),
+            (PathBuf::from("/a"), 1, "::1".to_string(), 2)
+        );
+    }
+
+    #[test]
+    fn bad_env_json_is_a_clear_error() {
+        for (text, want) in [
+            ("{port: 1}", "not JSON"),
+            ("[1]", "JSON object"),
+            (r#"{"port": 70000}"#, "\"port\" must be"),
+            (r#"{"port": -1}"#, "\"port\" must be"),
+            (r#"{"updates_dir": 3}"#, "must be a string"),
+            (r#"{"updates_dir": ""}"#, "is empty"),
+            (r#"{"bind": "everywhere"}"#, "not an IP address"),
+            (r#"{"timeout_secs": 0}"#, "at least 1 second"),
+            (r#"{"max_connections": 0}"#, "at least 1"),
+        ] {
+            let err = format!(
+                "{:#}",
+                Settings::resolve(Flags::default(), Some(text)).unwrap_err()
+            );
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_ignored() {
+        let s = Settings::resolve(Flags::default(), Some(r#"{"port": 1, "mongo": "x"}"#)).unwrap();
+        assert_eq!(s.port, 1);
+    }
+}
