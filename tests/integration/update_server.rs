@@ -343,14 +343,18 @@ fn every_endpoint_answers_exactly() {
     assert_eq!((r.status, r.header("allow")), (405, Some("GET, HEAD")));
     assert_eq!(s.get("/nothing-here").status, 404);
 
-    // One access line per request: peer, method, path, status, bytes, milliseconds.
-    let log = s.log();
-    assert!(
-        log.lines().any(|l| l.contains("127.0.0.1:")
-            && l.contains(" GET /version 200 10 ")
-            && l.ends_with("ms")),
-        "{log}"
-    );
+    // One access line per request: peer, method, path, status, bytes, milliseconds. The line
+    // is written after the answer and read by another thread: wait for it.
+    let has_line = |log: &str| {
+        log.lines().any(|l| {
+            l.contains("127.0.0.1:") && l.contains(" GET /version 200 10 ") && l.ends_with("ms")
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !has_line(&s.log()) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(has_line(&s.log()), "{}", s.log());
 }
 
 #[test]
