@@ -25,7 +25,10 @@ mkdir -p "$work/updates" "$work/box/root"
 now=$(date +%s)
 v1=$((now - 60)) v2=$now
 "$bin/build-update" --out "$work/updates" --version "$v1" --sign-key "$work/demo.key" scripts/demo-payload/box-config-daemon 2>/dev/null
-image=$("$bin/build-update" --out "$work/staging" --version "$v2" --sign-key "$work/demo.key" scripts/demo-payload/box-config-daemon 2>/dev/null | tail -n 1)
+# The second image also carries 24 MiB of measurement firmware, so that its progress shows.
+mkdir -p "$work/box-firmware"
+head -c $((24 << 20)) /dev/urandom >"$work/box-firmware/firmware.bin"
+image=$("$bin/build-update" --out "$work/staging" --version "$v2" --sign-key "$work/demo.key" scripts/demo-payload/box-config-daemon "$work/box-firmware" 2>/dev/null | tail -n 1)
 tar tvjf "$image"
 
 say "2. update-server over $work/updates"
@@ -58,15 +61,20 @@ curl -s "http://127.0.0.1:$bport/box_update/check"; echo
 
 say "5. press Update Box (POST /box_update) and follow the progress"
 curl -s -X POST -H 'Content-Type: application/json' -d '{}' "http://127.0.0.1:$bport/box_update"; echo
+show_status='
+import json, sys
+s = json.load(sys.stdin)
+total = s.get("bytes_total") or "?"
+print("%-12s %s/%s bytes  %s" % (s["state"], s["bytes_done"], total, s["message"]))'
 last=""
 for _ in $(seq 600); do
     st=$(curl -s "http://127.0.0.1:$bport/box_update/status")
-    line=$(python3 -c 'import json,sys; s=json.load(sys.stdin); t=s.get("bytes_total"); print(f"{s[\"state\"]:<12} {s[\"bytes_done\"]}/{t or \"?\"} bytes  {s[\"message\"]}")' <<<"$st")
+    line=$(python3 -c "$show_status" <<<"$st")
     [ "$line" != "$last" ] && echo "  $line" && last=$line
     case $line in rebooting*|failed*|up_to_date*) break ;; esac
-    sleep 0.1
+    sleep 0.05
 done
-echo "reboots recorded: $(cat "$work/box/reboots")"
+echo "reboots recorded so far:"; sed "s/^/  /" "$work/box/reboots"
 
 say "6. the box 'reboots': box-updater starts again, confirms the new release"
 kill "$box_pid"; wait "$box_pid" 2>/dev/null || true
