@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-15}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(image_name sha256sums unpack http_request)
+[ ${#targets[@]} -gt 0 ] || targets=(image_name sha256sums unpack)
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked --quiet cargo-fuzz
 toolchain=+nightly
 cargo $toolchain --version >/dev/null 2>&1 || { echo "fuzz.sh: a nightly toolchain is needed (rustup toolchain install nightly)" >&2; exit 1; }

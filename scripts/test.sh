@@ -1,28 +1,36 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. Installs what the tests need (Debian packages, playwright-core) when
-# it is missing, so it works on a fresh machine: README's second command, and what CI runs.
+# Runs the whole test suite. Installs what the tests need (Debian packages, playwright-core, the
+# ARM cross toolchain, cargo-fuzz) when it is missing, so it works on a fresh machine: README's
+# second command, and what CI runs. FUZZ_SECONDS=0 skips the short fuzzing pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=()
-for pair in minisign:minisign shellcheck:shellcheck bunzip2:bzip2 wget:wget nginx:nginx-light \
-    chromium:chromium wrk:wrk; do
+for pair in minisign:minisign shellcheck:shellcheck bunzip2:bzip2 wget:wget curl:curl nginx:nginx-light \
+    chromium:chromium wrk:wrk qemu-aarch64-static:qemu-user-static aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu \
+    setpriv:util-linux node:nodejs npm:npm; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need_apt+=("${pair#*:}")
 done
+[ -d /usr/aarch64-linux-gnu/lib ] || need_apt+=(libc6-dev-arm64-cross)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "test.sh: installing ${need_apt[*]}" >&2
     SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-if [ -f tests/browser/package.json ] && [ ! -d tests/browser/node_modules/playwright-core ]; then
+if [ ! -d tests/browser/node_modules/playwright-core ]; then
     echo "test.sh: installing playwright-core" >&2
-    (cd tests/browser && npm install --no-audit --no-fund --silent)
+    (cd tests/browser && npm ci --no-audit --no-fund --silent)
 fi
 
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
 cargo fmt --check
 cargo clippy --all-targets --all-features --quiet -- -D warnings
+# The end-to-end update on a Pi runs this ARM build under qemu-user-static.
+bash scripts/build-pi.sh --debug --bin box-updater aarch64
+if [ "${FUZZ_SECONDS:-15}" != 0 ]; then
+    bash scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
+fi
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --all-targets --features fault-injection --no-fail-fast "$@"
 else

@@ -8,5 +8,6 @@ mod build_update;
 mod faults;
 mod hostile_images;
 mod network_faults;
+mod pi;
 mod update_server;
 mod web_api;

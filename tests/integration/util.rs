@@ -223,6 +223,8 @@ pub struct BoxUnderTest {
     pub reboots: PathBuf,
     /// `--reserve-mib`, for boxes on a deliberately small disk.
     pub reserve_mib: Option<u64>,
+    /// Runs another box-updater build (e.g. an ARM one under qemu): program and leading args.
+    pub runner: Option<Vec<String>>,
 }
 
 impl BoxUnderTest {
@@ -238,12 +240,20 @@ impl BoxUnderTest {
             config,
             reboots,
             reserve_mib: None,
+            runner: None,
         }
     }
 
     /// `box-updater <args> --root … --box-config … --reboot-command …`, fast retries.
     pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = cmd(BOX_UPDATER);
+        let mut c = match &self.runner {
+            Some(r) => {
+                let mut c = cmd(&r[0]);
+                c.args(&r[1..]);
+                c
+            }
+            None => cmd(BOX_UPDATER),
+        };
         c.args(args)
             .arg("--root")
             .arg(&self.root)
