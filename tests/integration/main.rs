@@ -9,5 +9,6 @@ mod faults;
 mod hostile_images;
 mod network_faults;
 mod pi;
+mod server_load;
 mod update_server;
 mod web_api;
