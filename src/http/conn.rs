@@ -83,11 +83,6 @@ impl<'a> RequestBody<'a> {
         self.announced
     }
 
-    /// Bytes of the body not read yet.
-    pub fn remaining(&self) -> u64 {
-        self.remaining
-    }
-
     /// Reads the whole body when it is announced at most `limit` bytes; refuses a larger one
     /// without reading it.
     pub fn read_to_vec(&mut self, limit: u64) -> Result<Vec<u8>, BodyError> {

@@ -23,7 +23,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 pub use conn::{BodyError, Handler, RequestBody};
 pub use file::{FileMeta, file_response};
 pub use request::{Method, Request, route_path};
-pub use response::{Body, Response, http_date};
+pub use response::{Body, Response};
 
 /// The longest the accept loop waits before it looks at the stop flag.
 const ACCEPT_WAIT: Duration = Duration::from_millis(250);

@@ -53,14 +53,6 @@ impl Response {
         self.headers.push((name, value.into()));
         self
     }
-
-    /// The value of header `name` (any case), if the response has one.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_ref())
-    }
 }
 
 pub fn reason(status: u16) -> &'static str {

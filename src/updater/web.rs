@@ -148,26 +148,24 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
     Ok(())
 }
 
-type Reply = Response;
-
-fn json_reply(status: u16, body: &Value) -> Reply {
+fn json_reply(status: u16, body: &Value) -> Response {
     let mut bytes = serde_json::to_vec(body).expect("json serializes");
     bytes.push(b'\n');
     Response::new(status, "application/json", bytes).with_header("Cache-Control", "no-store")
 }
 
-fn error(status: u16, msg: &str) -> Reply {
+fn error(status: u16, msg: &str) -> Response {
     json_reply(status, &json!({"ok": false, "error": msg}))
 }
 
-fn page() -> Reply {
+fn page() -> Response {
     Response::new(200, "text/html; charset=utf-8", PAGE.as_bytes())
         .with_header("Cache-Control", "no-store")
         .with_header("Content-Security-Policy", CSP)
 }
 
 impl Web {
-    fn respond(&self, req: &Request<'_>, body: &mut RequestBody<'_>) -> Reply {
+    fn respond(&self, req: &Request<'_>, body: &mut RequestBody<'_>) -> Response {
         let Some(path) = http::route_path(req.target) else {
             return error(404, "no such page");
         };
@@ -181,7 +179,7 @@ impl Web {
 
     /// Same-origin and token checks for the API; state changes also need a JSON content type
     /// (or, for the upload, a custom header), which a cross-site form can't send.
-    fn guard(&self, req: &Request<'_>, changes_state: bool, upload: bool) -> Result<(), Reply> {
+    fn guard(&self, req: &Request<'_>, changes_state: bool, upload: bool) -> Result<(), Response> {
         if let Some(token) = &self.token {
             let given = req.header("X-Box-Token").or_else(|| {
                 req.header("Authorization")
@@ -232,7 +230,7 @@ impl Web {
         body: &mut RequestBody<'_>,
         method: Method,
         path: &str,
-    ) -> Result<Reply, Reply> {
+    ) -> Result<Response, Response> {
         let engine = &self.engine;
         match (method, path) {
             (Method::Get, "/version") => {
@@ -296,7 +294,7 @@ impl Web {
     }
 
     /// Reserves the engine, or says it is busy (an update from the page or the command line).
-    fn reserve(&self) -> Result<(), Reply> {
+    fn reserve(&self) -> Result<(), Response> {
         if self
             .busy
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
@@ -311,12 +309,12 @@ impl Web {
         Ok(())
     }
 
-    fn start(&self, job: Job) -> Result<Reply, Reply> {
+    fn start(&self, job: Job) -> Result<Response, Response> {
         self.reserve()?;
         self.send(job)
     }
 
-    fn send(&self, job: Job) -> Result<Reply, Reply> {
+    fn send(&self, job: Job) -> Result<Response, Response> {
         if self.jobs.send(job).is_err() {
             self.busy.store(false, Ordering::SeqCst);
             return Err(error(500, "the update engine stopped; restart box-updater"));
@@ -324,7 +322,7 @@ impl Web {
         Ok(json_reply(202, &json!({"ok": true, "started": true})))
     }
 
-    fn upload(&self, req: &Request<'_>, body: &mut RequestBody<'_>) -> Result<Reply, Reply> {
+    fn upload(&self, req: &Request<'_>, body: &mut RequestBody<'_>) -> Result<Response, Response> {
         let params: Vec<(String, String)> = req
             .query()
             .split('&')
@@ -390,7 +388,7 @@ impl Web {
     }
 }
 
-fn too_large(limit: u64) -> Reply {
+fn too_large(limit: u64) -> Response {
     error(
         413,
         &format!(
@@ -405,7 +403,7 @@ fn save_upload(
     body: &mut RequestBody<'_>,
     dest: &std::path::Path,
     limit: u64,
-) -> Result<u64, Reply> {
+) -> Result<u64, Response> {
     let mut file = std::fs::File::create(dest)
         .map_err(|e| error(500, &format!("cannot store the upload: {e}")))?;
     let mut buf = vec![0u8; 128 * 1024];
@@ -433,7 +431,7 @@ fn save_upload(
     Ok(total)
 }
 
-fn read_json_body(body: &mut RequestBody<'_>) -> Result<Vec<u8>, Reply> {
+fn read_json_body(body: &mut RequestBody<'_>) -> Result<Vec<u8>, Response> {
     body.read_to_vec(MAX_JSON_BODY).map_err(|e| match e {
         http::BodyError::TooLarge { .. } => error(413, "the request body is too large"),
         e => error(e.status(), &format!("cannot read the request: {e}")),
