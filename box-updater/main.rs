@@ -102,6 +102,15 @@ struct Opts {
     /// Access token the web API requires (else the box config's "updater_token", if set).
     #[arg(long, global = true, value_name = "TOKEN")]
     token: Option<String>,
+    /// Seconds a web client may stay silent (idle, or within a request) before it is dropped.
+    #[arg(
+        long,
+        global = true,
+        value_name = "SECS",
+        default_value_t = 30,
+        hide = true
+    )]
+    web_timeout: u64,
 }
 
 fn settings(opts: &Opts) -> anyhow::Result<Settings> {
@@ -139,6 +148,7 @@ fn main() {
             let opts = WebOptions {
                 listen: cli.opts.listen.clone(),
                 token: cli.opts.token.clone(),
+                timeout: Duration::from_secs(cli.opts.web_timeout.clamp(1, 3600)),
             };
             match opq_update::updater::web::serve(engine, opts) {
                 Ok(()) => std::process::exit(0),

@@ -4,6 +4,7 @@ pub mod archive;
 pub mod build;
 pub mod cli;
 pub mod fsutil;
+pub mod http;
 pub mod image;
 pub mod server;
 pub mod signing;

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::http::{self, Method, Request, Response};
 use super::index::Index;
 use crate::fsutil::unix_now;
+use crate::http::{self, FileMeta, Method, Request, Response};
 use crate::image::FileKind;
 
 const NO_CACHE: &str = "no-cache";
@@ -22,12 +22,12 @@ pub struct App {
 }
 
 impl App {
-    pub fn respond(&self, req: &Request) -> Response {
-        if req.method() == Method::Other {
+    pub fn respond(&self, req: &Request<'_>) -> Response {
+        if !matches!(req.method(), Method::Get | Method::Head) {
             return Response::text(405, "only GET and HEAD are allowed\n")
                 .with_header("Allow", "GET, HEAD");
         }
-        let Some(path) = http::route_path(&req.target) else {
+        let Some(path) = http::route_path(req.target) else {
             return not_found();
         };
         match path {
@@ -61,7 +61,7 @@ impl App {
         .with_header("Cache-Control", NO_CACHE)
     }
 
-    fn ls(&self, req: &Request) -> Response {
+    fn ls(&self, req: &Request<'_>) -> Response {
         let snap = self.index.snapshot();
         let resp = if req.wants_json() {
             #[derive(Serialize)]
@@ -97,7 +97,7 @@ impl App {
             .with_header("Vary", "Accept")
     }
 
-    fn update(&self, req: &Request, name: &str) -> Response {
+    fn update(&self, req: &Request<'_>, name: &str) -> Response {
         let snap = self.index.snapshot();
         let Some((_, kind, info)) = snap.lookup(name) else {
             return not_found();
@@ -123,7 +123,12 @@ impl App {
             ),
             ("Cache-Control", IMMUTABLE.into()),
         ];
-        http::file_response(req, file, info, headers)
+        let meta = FileMeta {
+            size: info.size,
+            mtime: info.mtime,
+            etag: info.etag(),
+        };
+        http::file_response(req, file, meta, headers)
     }
 }
 
@@ -144,7 +149,8 @@ fn not_found() -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::http::Body;
+    use crate::http::Body;
+    use crate::http::request::parse_head;
     use crate::server::index::{Snapshot, scan};
     use std::collections::HashSet;
 
@@ -158,11 +164,7 @@ mod tests {
     }
 
     fn get(app: &App, target: &str) -> Response {
-        app.respond(&Request {
-            method_text: "GET".into(),
-            target: target.into(),
-            ..Request::default()
-        })
+        app_method(app, "GET", target)
     }
 
     fn body(r: &Response) -> String {
@@ -228,10 +230,7 @@ mod tests {
     }
 
     fn app_method(app: &App, method: &str, target: &str) -> Response {
-        app.respond(&Request {
-            method_text: method.into(),
-            target: target.into(),
-            ..Request::default()
-        })
+        let head = format!("{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+        app.respond(&parse_head(head.as_bytes()).unwrap())
     }
 }

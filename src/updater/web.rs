@@ -1,17 +1,20 @@
 //! `box-updater serve`: the box's page and HTTP API. Handlers are thin: they read the engine's
-//! status (the single source of truth) and send commands to the one engine thread.
+//! status (the single source of truth) and send commands to the one engine thread. The HTTP
+//! layer is the shared core (`crate::http`): a client can hold a connection only as long as it
+//! keeps talking, and no request makes the daemon allocate by a size the client names.
 
 use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Sender, channel};
-use std::time::Instant;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde_json::{Value, json};
-use tiny_http::{Header, Method, Request, Response, Server};
 
+use crate::http::{self, Method, Request, RequestBody, Response};
 use crate::updater::commands::status_json;
 use crate::updater::config;
 use crate::updater::engine::{Engine, Source};
@@ -19,13 +22,20 @@ use crate::updater::engine::{Engine, Source};
 /// The page: one self-contained file (HTML, CSS, JS inline), built into the binary.
 pub const PAGE: &str = include_str!("../../box-updater/page.html");
 
+const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'";
 const MAX_JSON_BODY: u64 = 64 * 1024;
-const WORKERS: usize = 4;
+/// Connections served at once: a few browsers polling the page and an upload or two fit many
+/// times over; past it, a flood gets 503 instead of the box's memory.
+pub const MAX_CONNECTIONS: usize = 64;
 
 pub struct WebOptions {
     pub listen: String,
     /// Required on every API request when set (`Authorization: Bearer …` or `X-Box-Token`).
     pub token: Option<String>,
+    /// Silence allowed from a client: idle between requests, or within a request's head or body.
+    /// It bounds each read, not a whole request, so that an upload over a slow link may take
+    /// minutes while a stalled one is dropped.
+    pub timeout: Duration,
 }
 
 enum Job {
@@ -42,7 +52,7 @@ enum Job {
 
 struct Web {
     engine: Arc<Engine>,
-    jobs: std::sync::Mutex<Sender<Job>>,
+    jobs: Sender<Job>,
     busy: Arc<AtomicBool>,
     token: Option<String>,
 }
@@ -55,8 +65,8 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
             Err(e) => log::warn!("confirm at start skipped: {e}"),
         }
     }
-    let server = Server::http(&opts.listen)
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", opts.listen))?;
+    let listener = TcpListener::bind(&opts.listen)
+        .with_context(|| format!("cannot listen on {}", opts.listen))?;
     let token = opts.token.or_else(|| {
         config::read(&engine.settings.box_config)
             .ok()
@@ -69,7 +79,7 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
     });
     log::info!(
         "serving the update page on http://{} (installed {}, {})",
-        server.server_addr(),
+        listener.local_addr()?,
         engine
             .layout()
             .installed_version()
@@ -117,90 +127,64 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
                 }
             })?;
     }
-    let web = Arc::new(Web {
+    let web = Web {
         engine,
-        jobs: std::sync::Mutex::new(tx),
+        jobs: tx,
         busy,
         token,
-    });
-    let server = Arc::new(server);
-    let workers: Vec<_> = (0..WORKERS)
-        .map(|i| {
-            let server = Arc::clone(&server);
-            let web = Arc::clone(&web);
-            std::thread::Builder::new()
-                .name(format!("http-{i}"))
-                .spawn(move || {
-                    while let Ok(req) = server.recv() {
-                        web.handle(req);
-                    }
-                })
-                .expect("spawning an http worker")
-        })
-        .collect();
-    for w in workers {
-        let _ = w.join();
-    }
+    };
+    let config = http::Config {
+        timeout: opts.timeout,
+        max_connections: MAX_CONNECTIONS,
+        name: "box-updater",
+        bodies: true,
+    };
+    // Never set: the daemon serves until it is stopped by a signal.
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = http::Server::new(listener, config, stop, move |req, body| {
+        web.respond(req, body)
+    })?;
+    server.run();
     Ok(())
 }
 
-type Reply = Response<std::io::Cursor<Vec<u8>>>;
-
-fn json_reply(status: u16, body: &Value) -> Reply {
+fn json_reply(status: u16, body: &Value) -> Response {
     let mut bytes = serde_json::to_vec(body).expect("json serializes");
     bytes.push(b'\n');
-    Response::from_data(bytes)
-        .with_status_code(status)
-        .with_header(Header::from_bytes("Content-Type", "application/json").unwrap())
-        .with_header(Header::from_bytes("Cache-Control", "no-store").unwrap())
+    Response::new(status, "application/json", bytes).with_header("Cache-Control", "no-store")
 }
 
-fn error(status: u16, msg: &str) -> Reply {
+fn error(status: u16, msg: &str) -> Response {
     json_reply(status, &json!({"ok": false, "error": msg}))
 }
 
-fn header<'a>(req: &'a Request, name: &str) -> Option<&'a str> {
-    req.headers()
-        .iter()
-        .find(|h| h.field.as_str().as_str().eq_ignore_ascii_case(name))
-        .map(|h| h.value.as_str())
+fn page() -> Response {
+    Response::new(200, "text/html; charset=utf-8", PAGE.as_bytes())
+        .with_header("Cache-Control", "no-store")
+        .with_header("Content-Security-Policy", CSP)
 }
 
 impl Web {
-    fn handle(&self, mut req: Request) {
-        let start = Instant::now();
-        let method = req.method().clone();
-        let url = req.url().to_string();
-        let (path, query) = url.split_once('?').unwrap_or((&url, ""));
-        let reply = match (&method, path) {
-            (Method::Get, "/") | (Method::Get, "/index.html") => {
-                Response::from_data(PAGE.as_bytes().to_vec())
-                    .with_header(Header::from_bytes("Content-Type", "text/html; charset=utf-8").unwrap())
-                    .with_header(Header::from_bytes("Cache-Control", "no-store").unwrap())
-                    .with_header(
-                        Header::from_bytes(
-                            "Content-Security-Policy",
-                            "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'",
-                        )
-                        .unwrap(),
-                    )
-            }
-            _ => match self.api(&mut req, &method, path, query) {
-                Ok(r) => r,
-                Err(r) => r,
-            },
+    fn respond(&self, req: &Request<'_>, body: &mut RequestBody<'_>) -> Response {
+        let Some(path) = http::route_path(req.target) else {
+            return error(404, "no such page");
         };
-        let status = reply.status_code().0;
-        let _ = req.respond(reply);
-        log::info!("{method} {path} {status} {}ms", start.elapsed().as_millis());
+        match (req.method(), path) {
+            (Method::Get, "/" | "/index.html") => page(),
+            (method, _) => self
+                .api(req, body, method, path)
+                .unwrap_or_else(|reply| reply),
+        }
     }
 
     /// Same-origin and token checks for the API; state changes also need a JSON content type
     /// (or, for the upload, a custom header), which a cross-site form can't send.
-    fn guard(&self, req: &Request, changes_state: bool, upload: bool) -> Result<(), Reply> {
+    fn guard(&self, req: &Request<'_>, changes_state: bool, upload: bool) -> Result<(), Response> {
         if let Some(token) = &self.token {
-            let given = header(req, "X-Box-Token")
-                .or_else(|| header(req, "Authorization").and_then(|v| v.strip_prefix("Bearer ")));
+            let given = req.header("X-Box-Token").or_else(|| {
+                req.header("Authorization")
+                    .and_then(|v| v.strip_prefix("Bearer "))
+            });
             if given != Some(token.as_str()) {
                 return Err(error(401, "this box requires its access token"));
             }
@@ -208,13 +192,13 @@ impl Web {
         if !changes_state {
             return Ok(());
         }
-        if let Some(site) = header(req, "Sec-Fetch-Site")
+        if let Some(site) = req.header("Sec-Fetch-Site")
             && !matches!(site, "same-origin" | "none")
         {
             return Err(error(403, "cross-site requests may not change this box"));
         }
-        if let Some(origin) = header(req, "Origin") {
-            let host = header(req, "Host").unwrap_or("");
+        if let Some(origin) = req.header("Origin") {
+            let host = req.header("Host").unwrap_or("");
             let same = origin
                 .strip_prefix("http://")
                 .or_else(|| origin.strip_prefix("https://"))
@@ -226,9 +210,9 @@ impl Web {
                 ));
             }
         }
-        let ctype = header(req, "Content-Type").unwrap_or("");
+        let ctype = req.header("Content-Type").unwrap_or("");
         if upload {
-            if header(req, "X-Requested-With") != Some("box-updater") {
+            if req.header("X-Requested-With") != Some("box-updater") {
                 return Err(error(
                     400,
                     "uploads must come from the box's page (X-Requested-With: box-updater)",
@@ -242,11 +226,11 @@ impl Web {
 
     fn api(
         &self,
-        req: &mut Request,
-        method: &Method,
+        req: &Request<'_>,
+        body: &mut RequestBody<'_>,
+        method: Method,
         path: &str,
-        query: &str,
-    ) -> Result<Reply, Reply> {
+    ) -> Result<Response, Response> {
         let engine = &self.engine;
         match (method, path) {
             (Method::Get, "/version") => {
@@ -265,7 +249,7 @@ impl Web {
             }
             (Method::Post, "/box_config") => {
                 self.guard(req, true, false)?;
-                let body = read_body(req, MAX_JSON_BODY)?;
+                let body = read_json_body(body)?;
                 let map = config::parse_edit(&body).map_err(|e| error(400, &e))?;
                 config::write(&engine.settings.box_config, &map)
                     .map_err(|e| error(500, &format!("{e:#}")))?;
@@ -274,7 +258,7 @@ impl Web {
             }
             (Method::Post, "/box_update") => {
                 self.guard(req, true, false)?;
-                let body = read_body(req, MAX_JSON_BODY)?;
+                let body = read_json_body(body)?;
                 let force = serde_json::from_slice::<Value>(&body)
                     .ok()
                     .and_then(|v| v.get("force").and_then(Value::as_bool))
@@ -298,7 +282,7 @@ impl Web {
             }
             (Method::Post, "/box_update/upload") => {
                 self.guard(req, true, true)?;
-                self.upload(req, query)
+                self.upload(req, body)
             }
             (
                 _,
@@ -310,7 +294,7 @@ impl Web {
     }
 
     /// Reserves the engine, or says it is busy (an update from the page or the command line).
-    fn reserve(&self) -> Result<(), Reply> {
+    fn reserve(&self) -> Result<(), Response> {
         if self
             .busy
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
@@ -325,26 +309,22 @@ impl Web {
         Ok(())
     }
 
-    fn start(&self, job: Job) -> Result<Reply, Reply> {
+    fn start(&self, job: Job) -> Result<Response, Response> {
         self.reserve()?;
         self.send(job)
     }
 
-    fn send(&self, job: Job) -> Result<Reply, Reply> {
-        let sent = self
-            .jobs
-            .lock()
-            .map(|tx| tx.send(job).is_ok())
-            .unwrap_or(false);
-        if !sent {
+    fn send(&self, job: Job) -> Result<Response, Response> {
+        if self.jobs.send(job).is_err() {
             self.busy.store(false, Ordering::SeqCst);
             return Err(error(500, "the update engine stopped; restart box-updater"));
         }
         Ok(json_reply(202, &json!({"ok": true, "started": true})))
     }
 
-    fn upload(&self, req: &mut Request, query: &str) -> Result<Reply, Reply> {
-        let params: Vec<(String, String)> = query
+    fn upload(&self, req: &Request<'_>, body: &mut RequestBody<'_>) -> Result<Response, Response> {
+        let params: Vec<(String, String)> = req
+            .query()
             .split('&')
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_string(), percent_decode(v)))
@@ -370,7 +350,7 @@ impl Web {
             ));
         }
         let force = get("force").is_some_and(|v| v == "1" || v == "true");
-        let signature = match header(req, "X-Minisig") {
+        let signature = match req.header("X-Minisig") {
             None => None,
             Some(b64) => Some(
                 decode_base64(b64)
@@ -383,14 +363,8 @@ impl Web {
                 .usable_space(&self.engine.layout().downloads_dir())
                 / 3,
         );
-        if req.body_length().is_some_and(|n| n as u64 > limit) {
-            return Err(error(
-                413,
-                &format!(
-                    "the image is larger than this box accepts ({} MiB)",
-                    limit >> 20
-                ),
-            ));
+        if body.announced() > limit {
+            return Err(too_large(limit));
         }
         self.reserve()?;
         let dest = self
@@ -398,7 +372,7 @@ impl Web {
             .layout()
             .downloads_dir()
             .join(format!("upload-{file_name}"));
-        match save_upload(req, &dest, limit) {
+        match save_upload(body, &dest, limit) {
             Ok(_) => self.send(Job::Upload {
                 image: dest,
                 file_name,
@@ -414,28 +388,37 @@ impl Web {
     }
 }
 
-fn save_upload(req: &mut Request, dest: &std::path::Path, limit: u64) -> Result<u64, Reply> {
+fn too_large(limit: u64) -> Response {
+    error(
+        413,
+        &format!(
+            "the image is larger than this box accepts ({} MiB)",
+            limit >> 20
+        ),
+    )
+}
+
+/// Streams the body to `dest`: memory stays at one buffer whatever the image size.
+fn save_upload(
+    body: &mut RequestBody<'_>,
+    dest: &std::path::Path,
+    limit: u64,
+) -> Result<u64, Response> {
     let mut file = std::fs::File::create(dest)
         .map_err(|e| error(500, &format!("cannot store the upload: {e}")))?;
-    let mut reader = req.as_reader().take(limit + 1);
     let mut buf = vec![0u8; 128 * 1024];
     let mut total = 0u64;
     loop {
-        let n = reader
-            .read(&mut buf)
-            .map_err(|e| error(400, &format!("the upload broke off: {e}")))?;
+        let n = body.read(&mut buf).map_err(|e| {
+            let e = http::BodyError::Broken(e);
+            error(e.status(), &format!("the upload broke off: {e}"))
+        })?;
         if n == 0 {
             break;
         }
         total += n as u64;
         if total > limit {
-            return Err(error(
-                413,
-                &format!(
-                    "the image is larger than this box accepts ({} MiB)",
-                    limit >> 20
-                ),
-            ));
+            return Err(too_large(limit));
         }
         file.write_all(&buf[..n])
             .map_err(|e| error(507, &format!("cannot store the upload: {e}")))?;
@@ -448,19 +431,11 @@ fn save_upload(req: &mut Request, dest: &std::path::Path, limit: u64) -> Result<
     Ok(total)
 }
 
-fn read_body(req: &mut Request, limit: u64) -> Result<Vec<u8>, Reply> {
-    if req.body_length().is_some_and(|n| n as u64 > limit) {
-        return Err(error(413, "the request body is too large"));
-    }
-    let mut body = Vec::new();
-    req.as_reader()
-        .take(limit + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| error(400, &format!("cannot read the request: {e}")))?;
-    if body.len() as u64 > limit {
-        return Err(error(413, "the request body is too large"));
-    }
-    Ok(body)
+fn read_json_body(body: &mut RequestBody<'_>) -> Result<Vec<u8>, Response> {
+    body.read_to_vec(MAX_JSON_BODY).map_err(|e| match e {
+        http::BodyError::TooLarge { .. } => error(413, "the request body is too large"),
+        e => error(e.status(), &format!("cannot read the request: {e}")),
+    })
 }
 
 fn percent_decode(s: &str) -> String {

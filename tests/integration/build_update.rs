@@ -176,7 +176,7 @@ fn large_payload_is_many_bzip2_streams_that_stock_tools_read() {
     while data.len() < 4 << 20 {
         x ^= x << 7;
         x ^= x >> 9;
-        if x % 3 == 0 {
+        if x.is_multiple_of(3) {
             data.extend_from_slice(
                 format!("line {} of the power quality log\n", x % 1000).as_bytes(),
             );

@@ -1,5 +1,6 @@
 //! `box-updater serve`'s HTTP API with the real binary on 127.0.0.1: every endpoint, one update at
-//! a time, config edits, same-origin and token guards, uploads, and the confirm step at start.
+//! a time, config edits, same-origin and token guards, uploads, the confirm step at start, and
+//! hostile clients (absurd bodies, stalled requests, chunked bodies, a flood of connections).
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -60,11 +61,22 @@ pub fn request(
     s.write_all(head.as_bytes()).unwrap();
     // The server may answer (and close) before reading a refused body; that is its right.
     let _ = s.write_all(body);
-    let raw = read_answer(&mut s);
+    parse_answer(&read_answer(&mut s))
+}
+
+/// Sends `bytes` as they are (a head, perhaps part of a body) and reads the one answer.
+pub fn raw_request(port: u16, bytes: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connecting to box-updater");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let _ = s.write_all(bytes);
+    parse_answer(&read_answer(&mut s))
+}
+
+fn parse_answer(raw: &[u8]) -> Reply {
     let split = raw
         .windows(4)
         .position(|w| w == b"\r\n\r\n")
-        .unwrap_or_else(|| panic!("no HTTP answer: {:?}", String::from_utf8_lossy(&raw)));
+        .unwrap_or_else(|| panic!("no HTTP answer: {:?}", String::from_utf8_lossy(raw)));
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let mut lines = head.split("\r\n");
     let status = lines
@@ -805,4 +817,239 @@ fn a_tampered_or_misnamed_upload_is_refused_and_the_box_keeps_its_version() {
     assert_eq!(b.releases(), vec![format!("opq-box-update-{V1}")]);
     assert!(tree(&b.root.join("var/lib/box-updater/downloads")).is_empty());
     b.assert_current_complete();
+}
+
+/// Fails unless the daemon still runs and answers.
+fn assert_still_serving(web: &mut Running, what: &str) {
+    assert!(
+        web.child.try_wait().unwrap().is_none(),
+        "box-updater died after {what}"
+    );
+    let r = get(web.port, "/version");
+    assert_eq!(r.status, 200, "after {what}: {}", r.text());
+    assert_eq!(r.json(), json!({"version": null}), "after {what}");
+}
+
+#[test]
+fn a_huge_announced_body_is_refused_unread_and_the_daemon_lives_on() {
+    let d = Dir::new();
+    let b = offline_box(&d);
+    let mut web = start_serve(&b, free_port(), &[]);
+    let port = web.port;
+    let config_before = std::fs::read(&b.config).unwrap();
+    let origin = format!("Origin: http://127.0.0.1:{port}\r\n");
+    let page = format!("{origin}Sec-Fetch-Site: same-origin\r\n");
+    let json_page = format!("{page}Content-Type: application/json\r\n");
+    let upload_page = format!("{page}X-Requested-With: box-updater\r\n");
+    let upload = format!("/box_update/upload?name=opq-box-update-{V1}.tar.bz2");
+    // (path, headers beside Host and Content-Length, the answer)
+    let cases: Vec<(&str, String, u16)> = vec![
+        ("/box_update", json_page.clone(), 413),
+        ("/box_update", String::new(), 415),
+        ("/box_update", "Origin: http://evil.example\r\n".into(), 403),
+        ("/box_config", json_page.clone(), 413),
+        ("/box_config", "Content-Type: text/plain\r\n".into(), 415),
+        ("/box_config", "Sec-Fetch-Site: cross-site\r\n".into(), 403),
+        (&upload, upload_page.clone(), 413),
+        (&upload, String::new(), 400),
+        (&upload, "Origin: http://evil.example\r\n".into(), 403),
+        ("/box_update/upload?name=evil.sh", upload_page.clone(), 400),
+        ("/version", String::new(), 405),
+    ];
+    for (path, headers, want) in &cases {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{headers}\
+             Content-Length: 999999999999999\r\n\r\n{{\"force\": true, \"pad\": \""
+        );
+        let r = raw_request(port, head.as_bytes());
+        assert_eq!(
+            r.status,
+            *want,
+            "POST {path} with {headers:?}: {}",
+            r.text()
+        );
+        assert_eq!(r.json()["ok"], false, "POST {path}");
+        assert_eq!(r.header("Connection"), Some("close"), "POST {path}");
+        assert_still_serving(&mut web, &format!("POST {path} with {headers:?}"));
+    }
+
+    // With a token, the refusal comes before anything else is looked at.
+    drop(web);
+    let mut web = start_serve(&b, port, &["--token", "s3cret"]);
+    for path in ["/box_update", "/box_config", upload.as_str()] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n{json_page}\
+             Content-Length: 999999999999999\r\n\r\n"
+        );
+        let r = raw_request(port, head.as_bytes());
+        assert_eq!(r.status, 401, "POST {path}: {}", r.text());
+        assert!(web.child.try_wait().unwrap().is_none(), "died after {path}");
+    }
+    let r = request(port, "GET", "/version", &[("X-Box-Token", "s3cret")], b"");
+    assert_eq!(r.status, 200);
+
+    // Nothing started, nothing written.
+    assert_eq!(std::fs::read(&b.config).unwrap(), config_before);
+    assert!(b.releases().is_empty());
+    assert!(tree(&b.root.join("var/lib/box-updater/downloads")).is_empty());
+}
+
+/// Reads what the server sends until it closes; returns it and when it closed.
+fn read_until_closed(mut s: TcpStream) -> (String, Instant) {
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    (String::from_utf8_lossy(&got).into_owned(), Instant::now())
+}
+
+#[test]
+fn stalled_clients_never_hold_up_others_and_are_dropped_after_the_timeout() {
+    let d = Dir::new();
+    let b = offline_box(&d);
+    let port = free_port();
+    let mut web = start_serve(&b, port, &["--web-timeout", "2"]);
+    let connect = |bytes: &str| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(bytes.as_bytes()).unwrap();
+        s
+    };
+    let same = format!(
+        "Host: 127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\n"
+    );
+    let t0 = Instant::now();
+    // More of each than tiny_http had workers: there, any four of them stopped the daemon.
+    let mut stalled = Vec::new();
+    for _ in 0..6 {
+        stalled.push(("silent", connect("")));
+        stalled.push(("half a head", connect("GET /box_update/sta")));
+        stalled.push((
+            "a JSON body that never comes",
+            connect(&format!(
+                "POST /box_config HTTP/1.1\r\n{same}Content-Type: application/json\r\n\
+                 Content-Length: 100\r\n\r\n{{\"box_config\": "
+            )),
+        ));
+    }
+    // An upload that stops: it holds the engine's reservation while it lasts.
+    stalled.push((
+        "an upload that stops",
+        connect(&format!(
+            "POST /box_update/upload?name=opq-box-update-{V1}.tar.bz2 HTTP/1.1\r\n{same}\
+             X-Requested-With: box-updater\r\nContent-Length: 1000000\r\n\r\nBZh9"
+        )),
+    ));
+
+    // Meanwhile the page and the API answer at once.
+    assert_eq!(get(port, "/").status, 200);
+    assert_still_serving(&mut web, "stalled clients connected");
+    let s = get(port, "/box_update/status").json();
+    assert_eq!(s["state"], "idle", "{s}");
+    let answered = t0.elapsed();
+    assert!(
+        answered < Duration::from_secs(2),
+        "answers waited for stalled clients: {answered:?}"
+    );
+
+    let readers: Vec<_> = stalled
+        .into_iter()
+        .map(|(what, s)| std::thread::spawn(move || (what, read_until_closed(s))))
+        .collect();
+    for r in readers {
+        let (what, (got, closed)) = r.join().unwrap();
+        let waited = closed - t0;
+        assert!(
+            waited >= Duration::from_millis(1500) && waited < Duration::from_secs(12),
+            "{what}: dropped after {waited:?}, the timeout is 2 s"
+        );
+        match what {
+            "silent" => assert_eq!(got, "", "{what}"),
+            _ => assert!(got.starts_with("HTTP/1.1 408 "), "{what}: {got:?}"),
+        }
+    }
+    // The stopped upload gave the engine back and left nothing behind.
+    let s = get(port, "/box_update/status").json();
+    assert_eq!(s["running"], false, "{s}");
+    assert!(tree(&b.root.join("var/lib/box-updater/downloads")).is_empty());
+    assert_still_serving(&mut web, "stalled clients were dropped");
+}
+
+#[test]
+fn a_chunked_request_body_gets_a_clear_411() {
+    let d = Dir::new();
+    let b = offline_box(&d);
+    let mut web = start_serve(&b, free_port(), &[]);
+    let port = web.port;
+    let config_before = std::fs::read(&b.config).unwrap();
+    let same = format!(
+        "Host: 127.0.0.1:{port}\r\nOrigin: http://127.0.0.1:{port}\r\nSec-Fetch-Site: same-origin\r\n"
+    );
+    for (path, headers) in [
+        ("/box_config", "Content-Type: application/json\r\n"),
+        ("/box_update", "Content-Type: application/json\r\n"),
+        (
+            "/box_update/upload?name=opq-box-update-1700000101.tar.bz2",
+            "X-Requested-With: box-updater\r\n",
+        ),
+    ] {
+        let body = r#"{"box_config": {"updates_ep": "http://evil.example"}}"#;
+        let r = raw_request(
+            port,
+            format!(
+                "POST {path} HTTP/1.1\r\n{same}{headers}Transfer-Encoding: chunked\r\n\r\n\
+                 {:x}\r\n{body}\r\n0\r\n\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        assert_eq!(r.status, 411, "{path}: {}", r.text());
+        assert!(r.text().contains("Content-Length"), "{path}: {}", r.text());
+    }
+    // Another transfer coding is not understood at all.
+    let r = raw_request(
+        port,
+        format!(
+            "POST /box_update HTTP/1.1\r\n{same}Content-Type: application/json\r\n\
+             Transfer-Encoding: gzip\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 501, "{}", r.text());
+    assert_eq!(std::fs::read(&b.config).unwrap(), config_before);
+    assert_eq!(get(port, "/box_update/status").json()["state"], "idle");
+    assert_still_serving(&mut web, "chunked bodies");
+}
+
+#[test]
+fn a_flood_of_connections_gets_503_past_the_limit_and_the_daemon_stays_up() {
+    let d = Dir::new();
+    let b = offline_box(&d);
+    let mut web = start_serve(&b, free_port(), &[]);
+    let port = web.port;
+    let flood: Vec<TcpStream> = (0..600)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connecting"))
+        .collect();
+    let request = format!("GET /version HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
+    let (mut served, mut busy) = (0, 0);
+    for mut s in flood {
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        // A connection turned away was answered and closed before this is sent.
+        let _ = s.write_all(request.as_bytes());
+        let r = parse_answer(&read_answer(&mut s));
+        match r.status {
+            200 => {
+                assert_eq!(r.json(), json!({"version": null}));
+                served += 1;
+            }
+            503 => {
+                assert_eq!(r.header("Retry-After"), Some("5"));
+                busy += 1;
+            }
+            other => panic!("connection answered {other}: {}", r.text()),
+        }
+    }
+    assert_eq!(served + busy, 600);
+    assert!(served >= 1, "none served");
+    assert!(busy >= 1, "600 connections at once, and no limit met");
+    assert_still_serving(&mut web, "600 connections");
+    assert_eq!(get(port, "/").status, 200);
 }

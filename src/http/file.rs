@@ -1,0 +1,277 @@
+//! Answers for a file: conditional requests (`If-None-Match`, `If-Modified-Since`), ranges and
+//! `If-Range`, so that an interrupted download resumes where it stopped.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::time::SystemTime;
+
+use super::request::Request;
+use super::response::{Body, Response, http_date};
+
+/// What a `Range` header asks of a file of `size` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeAsk {
+    /// No usable range: send it all. Malformed and multi-range requests land here, as
+    /// RFC 9110 (14.2) lets a server ignore them.
+    Whole,
+    /// `len` bytes from `start`.
+    Part {
+        start: u64,
+        len: u64,
+    },
+    Unsatisfiable,
+}
+
+pub fn parse_range(header: &str, size: u64) -> RangeAsk {
+    let Some((unit, spec)) = header.trim().split_once('=') else {
+        return RangeAsk::Whole;
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") || spec.contains(',') {
+        return RangeAsk::Whole;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeAsk::Whole;
+    };
+    let num = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let (first, last) = (first.trim(), last.trim());
+    if first.is_empty() {
+        // The last `n` bytes.
+        return match num(last) {
+            None => RangeAsk::Whole,
+            Some(0) => RangeAsk::Unsatisfiable,
+            Some(_) if size == 0 => RangeAsk::Unsatisfiable,
+            Some(n) => {
+                let len = n.min(size);
+                RangeAsk::Part {
+                    start: size - len,
+                    len,
+                }
+            }
+        };
+    }
+    let Some(start) = num(first) else {
+        return RangeAsk::Whole;
+    };
+    let end = if last.is_empty() {
+        None
+    } else {
+        match num(last) {
+            Some(e) if e >= start => Some(e),
+            _ => return RangeAsk::Whole,
+        }
+    };
+    if start >= size {
+        return RangeAsk::Unsatisfiable;
+    }
+    let end = end.map_or(size - 1, |e| e.min(size - 1));
+    RangeAsk::Part {
+        start,
+        len: end - start + 1,
+    }
+}
+
+/// Whether an `If-None-Match` list matches `etag` (weak comparison, RFC 9110 13.1.2).
+pub fn none_match(list: &str, etag: &str) -> bool {
+    let strip = |t: &str| t.trim().trim_start_matches("W/").to_string();
+    let etag = strip(etag);
+    list.split(',').any(|t| t.trim() == "*" || strip(t) == etag)
+}
+
+/// The file a response is about: its size and its validators.
+pub struct FileMeta {
+    pub size: u64,
+    pub mtime: SystemTime,
+    /// A strong entity tag, quoted.
+    pub etag: String,
+}
+
+/// Answers a request for a file: 304 when the client's copy is current, 206 or 416 for a range,
+/// else 200. `headers` are added to every one of them.
+pub fn file_response(
+    req: &Request<'_>,
+    file: File,
+    meta: FileMeta,
+    headers: Vec<(&'static str, Cow<'static, str>)>,
+) -> Response {
+    let FileMeta { size, mtime, etag } = meta;
+    let last_modified = http_date(mtime);
+    let mut resp = Response {
+        status: 200,
+        headers,
+        body: Body::Bytes(Cow::Borrowed(b"")),
+    };
+    resp.headers.push(("ETag", etag.clone().into()));
+    resp.headers
+        .push(("Last-Modified", last_modified.clone().into()));
+    resp.headers.push(("Accept-Ranges", "bytes".into()));
+
+    let not_modified = if req.header("if-none-match").is_some() {
+        req.header_values("if-none-match")
+            .any(|list| none_match(list, &etag))
+    } else {
+        match req
+            .header("if-modified-since")
+            .map(httpdate::parse_http_date)
+        {
+            Some(Ok(since)) => {
+                // HTTP dates have whole seconds.
+                let secs = |t: SystemTime| {
+                    t.duration_since(SystemTime::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0)
+                };
+                secs(mtime) <= secs(since)
+            }
+            _ => false,
+        }
+    };
+    if not_modified {
+        resp.status = 304;
+        return resp;
+    }
+
+    // If-Range: the range only holds for the very representation the client has.
+    let range_applies = match req.header("if-range") {
+        None => true,
+        Some(v) if v.trim_start().starts_with('"') => v.trim() == etag,
+        Some(v) => v.trim() == last_modified,
+    };
+    let ask = match req.header("range") {
+        Some(r) if range_applies => parse_range(r, size),
+        _ => RangeAsk::Whole,
+    };
+    match ask {
+        RangeAsk::Whole => {
+            resp.body = Body::File {
+                file,
+                offset: 0,
+                len: size,
+            };
+        }
+        RangeAsk::Part { start, len } => {
+            resp.status = 206;
+            resp.headers.push((
+                "Content-Range",
+                format!("bytes {}-{}/{}", start, start + len - 1, size).into(),
+            ));
+            resp.body = Body::File {
+                file,
+                offset: start,
+                len,
+            };
+        }
+        RangeAsk::Unsatisfiable => {
+            resp.status = 416;
+            // The body is a message now, not the file.
+            resp.headers.retain(|(n, _)| {
+                !n.eq_ignore_ascii_case("Content-Type")
+                    && !n.eq_ignore_ascii_case("Content-Disposition")
+            });
+            resp.headers
+                .push(("Content-Range", format!("bytes */{size}").into()));
+            resp.headers
+                .push(("Content-Type", "text/plain; charset=utf-8".into()));
+            resp.body = Body::Bytes(Cow::Borrowed(b"range not satisfiable\n"));
+        }
+    }
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::request::parse_head;
+
+    #[test]
+    fn ranges() {
+        use RangeAsk::*;
+        for (h, size, want) in [
+            ("bytes=0-9", 100, Part { start: 0, len: 10 }),
+            ("bytes=90-", 100, Part { start: 90, len: 10 }),
+            ("bytes=90-1000", 100, Part { start: 90, len: 10 }),
+            ("bytes=-10", 100, Part { start: 90, len: 10 }),
+            ("bytes=-1000", 100, Part { start: 0, len: 100 }),
+            (" bytes = 5 - 5 ", 100, Part { start: 5, len: 1 }),
+            ("bytes=100-", 100, Unsatisfiable),
+            ("bytes=-0", 100, Unsatisfiable),
+            ("bytes=0-", 0, Unsatisfiable),
+            ("bytes=5-4", 100, Whole),
+            ("bytes=0-1,5-6", 100, Whole),
+            ("items=0-1", 100, Whole),
+            ("bytes=a-b", 100, Whole),
+            ("bytes=99999999999999999999999-", 100, Whole),
+            ("bytes", 100, Whole),
+        ] {
+            assert_eq!(parse_range(h, size), want, "{h}");
+        }
+    }
+
+    #[test]
+    fn file_answers_carry_one_content_type_each() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, b"0123456789").unwrap();
+        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+        let answer = |headers: &str| {
+            let head = format!("GET /f HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
+            let req = parse_head(head.as_bytes()).unwrap();
+            let meta = FileMeta {
+                size: 10,
+                mtime,
+                etag: "\"e\"".into(),
+            };
+            let headers = vec![
+                ("Content-Type", "application/x-bzip2".into()),
+                ("Content-Disposition", "attachment; filename=\"f\"".into()),
+            ];
+            file_response(&req, File::open(&p).unwrap(), meta, headers)
+        };
+        let types = |r: &Response| -> Vec<String> {
+            r.headers
+                .iter()
+                .filter(|(n, _)| *n == "Content-Type")
+                .map(|(_, v)| v.to_string())
+                .collect()
+        };
+        let r = answer("Range: bytes=20-\r\n");
+        assert_eq!(r.status, 416);
+        assert_eq!(types(&r), ["text/plain; charset=utf-8"]);
+        let r = answer("Range: bytes=2-3\r\n");
+        assert_eq!(r.status, 206);
+        assert_eq!(types(&r), ["application/x-bzip2"]);
+        assert!(matches!(
+            r.body,
+            Body::File {
+                offset: 2,
+                len: 2,
+                ..
+            }
+        ));
+        let since = http_date(mtime);
+        let r = answer(&format!("If-Modified-Since: {since}\r\n"));
+        assert_eq!(r.status, 304);
+        let r = answer(&format!(
+            "If-None-Match: \"other\"\r\nIf-Modified-Since: {since}\r\n"
+        ));
+        assert_eq!(
+            r.status, 200,
+            "If-None-Match decides over If-Modified-Since"
+        );
+        let r = answer("If-None-Match: \"a\"\r\nIf-None-Match: W/\"e\"\r\n");
+        assert_eq!(r.status, 304, "a list split over two fields");
+        let r = answer("Range: bytes=2-3\r\nIf-Range: \"old\"\r\n");
+        assert_eq!(r.status, 200, "a range of another representation");
+    }
+
+    #[test]
+    fn etag_lists() {
+        assert!(none_match("\"a\", \"b\"", "\"b\""));
+        assert!(none_match("W/\"b\"", "\"b\""));
+        assert!(none_match("*", "\"b\""));
+        assert!(!none_match("\"a\"", "\"b\""));
+    }
+}

@@ -1,0 +1,435 @@
+//! Request heads: the strict parser, the request a handler sees (borrowed from the connection's
+//! buffer, so taking a request allocates nothing), and the paths a handler may route.
+
+/// The largest request head (request line and headers) read; a larger one is refused.
+pub const MAX_HEAD: usize = 8 * 1024;
+/// The longest path that is looked at; a longer one names nothing any handler serves.
+pub const MAX_PATH: usize = 512;
+pub const MAX_HEADERS: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Head,
+    Post,
+    Other,
+}
+
+/// How a request says its body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// Neither `Content-Length` nor `Transfer-Encoding`: no body.
+    None,
+    Length(u64),
+    /// A `Transfer-Encoding`, which wins over any `Content-Length` (RFC 9112, 6.3). This server
+    /// reads no such body; `chunked` says whether the last coding is chunked.
+    Encoded {
+        chunked: bool,
+    },
+}
+
+/// A request head as parsed: every string points into the connection's buffer.
+#[derive(Debug, Clone)]
+pub struct Request<'a> {
+    pub method_text: &'a str,
+    pub target: &'a str,
+    pub http10: bool,
+    /// What the client asked for; the server may still close.
+    pub keep_alive: bool,
+    pub framing: Framing,
+    /// `Expect: 100-continue`: the client waits for a go-ahead before it sends the body.
+    pub expect_continue: bool,
+    headers: [(&'a str, &'a str); MAX_HEADERS],
+    count: usize,
+}
+
+impl<'a> Request<'a> {
+    pub fn method(&self) -> Method {
+        match self.method_text {
+            "GET" => Method::Get,
+            "HEAD" => Method::Head,
+            "POST" => Method::Post,
+            _ => Method::Other,
+        }
+    }
+
+    /// The first value of header `name` (any case), trimmed.
+    pub fn header(&self, name: &str) -> Option<&'a str> {
+        self.header_values(name).next()
+    }
+
+    /// Every value of header `name`, in order: for list headers that may be split over fields.
+    pub fn header_values(&self, name: &str) -> impl Iterator<Item = &'a str> {
+        self.headers[..self.count]
+            .iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|&(_, v)| v)
+    }
+
+    /// Whether a body follows the head.
+    pub fn has_body(&self) -> bool {
+        !matches!(self.framing, Framing::None | Framing::Length(0))
+    }
+
+    /// The query of the target, without its `?`; empty when there is none.
+    pub fn query(&self) -> &'a str {
+        self.target.split_once('?').map_or("", |(_, q)| q)
+    }
+
+    /// Whether the client asked for JSON (`Accept: application/json`).
+    pub fn wants_json(&self) -> bool {
+        self.header_values("accept").any(|a| {
+            a.split(',').any(|range| {
+                let mut parts = range.split(';');
+                let media = parts.next().unwrap_or("").trim();
+                let refused = parts.any(|p| {
+                    let p = p.trim();
+                    p.starts_with("q=") && p[2..].trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+                });
+                media.eq_ignore_ascii_case("application/json") && !refused
+            })
+        })
+    }
+}
+
+/// Why a request head could not be taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadError {
+    /// 400: the request line or a header is malformed.
+    Malformed(&'static str),
+    /// 505: an HTTP version other than 1.0 and 1.1.
+    Version,
+}
+
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn has_token(list: &str, token: &str) -> bool {
+    list.split(',')
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Headers that carry one value: a second one is refused rather than guessed between.
+const SINGLE: [&str; 3] = ["range", "if-range", "if-modified-since"];
+
+/// Parses a request head (everything before the blank line, line ends included or not).
+pub fn parse_head(head: &[u8]) -> Result<Request<'_>, HeadError> {
+    let mut lines = head.split(|&b| b == b'\n').map(|l| match l {
+        [rest @ .., b'\r'] => rest,
+        l => l,
+    });
+    let line = lines.next().unwrap_or_default();
+    if !line.iter().all(|&b| b.is_ascii_graphic() || b == b' ') {
+        return Err(HeadError::Malformed(
+            "the request line is not printable ASCII",
+        ));
+    }
+    let line = std::str::from_utf8(line).map_err(|_| HeadError::Malformed("not ASCII"))?;
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(HeadError::Malformed(
+            "the request line is not `METHOD TARGET HTTP/1.x`",
+        ));
+    };
+    if method.is_empty() || !method.bytes().all(is_tchar) || target.is_empty() {
+        return Err(HeadError::Malformed(
+            "the request line is not `METHOD TARGET HTTP/1.x`",
+        ));
+    }
+    let http10 = match version {
+        "HTTP/1.1" => false,
+        "HTTP/1.0" => true,
+        v if v.len() == 8
+            && v.starts_with("HTTP/")
+            && v.as_bytes()[5].is_ascii_digit()
+            && v.as_bytes()[6] == b'.'
+            && v.as_bytes()[7].is_ascii_digit() =>
+        {
+            return Err(HeadError::Version);
+        }
+        _ => return Err(HeadError::Malformed("the request line has no HTTP version")),
+    };
+
+    let mut req = Request {
+        method_text: method,
+        target,
+        http10,
+        keep_alive: false,
+        framing: Framing::None,
+        expect_continue: false,
+        headers: [("", ""); MAX_HEADERS],
+        count: 0,
+    };
+    let mut hosts = 0;
+    let mut content_length: Option<u64> = None;
+    let mut encoded: Option<bool> = None;
+    for line in lines {
+        if line.is_empty() {
+            break;
+        }
+        if req.count == MAX_HEADERS {
+            return Err(HeadError::Malformed("too many header fields"));
+        }
+        let colon = line
+            .iter()
+            .position(|&b| b == b':')
+            .ok_or(HeadError::Malformed("a header field has no colon"))?;
+        let (name, value) = (&line[..colon], &line[colon + 1..]);
+        // Also refuses obsolete line folding and whitespace before the colon (RFC 9112, 5.1-5.2).
+        if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+            return Err(HeadError::Malformed("a header field name is malformed"));
+        }
+        if value.iter().any(|&b| b == 0 || b == b'\r') {
+            return Err(HeadError::Malformed(
+                "a header field value holds a control byte",
+            ));
+        }
+        let name = std::str::from_utf8(name).expect("tchars are ASCII");
+        // Bytes past ASCII are legal in a value but nothing here reads them: such a value
+        // becomes one that matches no token, date, range or origin.
+        let value = std::str::from_utf8(value).map_or("\u{fffd}", str::trim);
+        if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            let n = (!value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| value.parse::<u64>().ok())
+                .flatten()
+                .ok_or(HeadError::Malformed("Content-Length is not a number"))?;
+            if content_length.is_some_and(|c| c != n) {
+                return Err(HeadError::Malformed("Content-Length is given twice"));
+            }
+            content_length = Some(n);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = value.rsplit(',').next().unwrap_or("").trim();
+            encoded = Some(last.eq_ignore_ascii_case("chunked"));
+        } else if name.eq_ignore_ascii_case("expect") {
+            req.expect_continue = value.eq_ignore_ascii_case("100-continue");
+        } else if SINGLE.iter().any(|s| name.eq_ignore_ascii_case(s)) && req.header(name).is_some()
+        {
+            return Err(HeadError::Malformed("a header field is given twice"));
+        }
+        req.headers[req.count] = (name, value);
+        req.count += 1;
+    }
+    if !http10 && hosts != 1 {
+        return Err(HeadError::Malformed(
+            "an HTTP/1.1 request needs exactly one Host",
+        ));
+    }
+    req.framing = match (encoded, content_length) {
+        (Some(chunked), _) => Framing::Encoded { chunked },
+        (None, Some(n)) => Framing::Length(n),
+        (None, None) => Framing::None,
+    };
+    req.keep_alive = if http10 {
+        req.header_values("connection")
+            .any(|c| has_token(c, "keep-alive"))
+    } else {
+        !req.header_values("connection")
+            .any(|c| has_token(c, "close"))
+    };
+    Ok(req)
+}
+
+/// The path a request target names, when it is one a handler could ever answer: plain
+/// unreserved characters, no empty, `.` or `..` segment, no percent-encoding, no backslash, not
+/// over-long. The query is dropped. Anything else is `None`, which is answered 404 unread.
+pub fn route_path(target: &str) -> Option<&str> {
+    let mut path = target;
+    // absolute-form, as sent to proxies: `http://host/path`.
+    for scheme in ["http://", "https://"] {
+        if path.len() >= scheme.len() && path[..scheme.len()].eq_ignore_ascii_case(scheme) {
+            let rest = &path[scheme.len()..];
+            path = rest.find('/').map_or("/", |i| &rest[i..]);
+            break;
+        }
+    }
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    if !path.starts_with('/') || path.len() > MAX_PATH {
+        return None;
+    }
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"-._~/".contains(&b);
+    if !path.bytes().all(plain) {
+        return None;
+    }
+    if path != "/"
+        && path[1..]
+            .split('/')
+            .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+    {
+        return None;
+    }
+    Some(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Request<'_>, HeadError> {
+        parse_head(s.as_bytes())
+    }
+
+    #[test]
+    fn heads_parse_strictly() {
+        let r = parse("GET /version HTTP/1.1\r\nHost: x\r\nRange: bytes=1-\r\n\r\n").unwrap();
+        assert_eq!(
+            (r.method(), r.target, r.keep_alive, r.http10),
+            (Method::Get, "/version", true, false)
+        );
+        assert_eq!(r.header("range"), Some("bytes=1-"));
+        let r = parse("HEAD / HTTP/1.0\n\n").unwrap();
+        assert!(r.http10 && !r.keep_alive && r.method() == Method::Head);
+        assert!(
+            parse("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+                .unwrap()
+                .keep_alive
+        );
+        assert!(
+            !parse("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .unwrap()
+                .keep_alive
+        );
+        assert!(
+            parse("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n")
+                .unwrap()
+                .has_body()
+        );
+        assert_eq!(
+            parse("BREW /pot HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap()
+                .method(),
+            Method::Other
+        );
+        assert_eq!(
+            parse("GET / HTTP/2.0\r\n\r\n").unwrap_err(),
+            HeadError::Version
+        );
+        for bad in [
+            "GET /\r\n\r\n",
+            "GET  / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1 x\r\nHost: x\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost : x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nno colon\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: x\r\nRange: bytes=1-\r\nRange: bytes=2-\r\n\r\n",
+            "G\u{e9}T / HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /\x01 HTTP/1.1\r\nHost: x\r\n\r\n",
+            "",
+        ] {
+            assert!(
+                matches!(parse(bad), Err(HeadError::Malformed(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bodies_are_framed_by_length_or_refused_encodings() {
+        let framing = |h: &str| {
+            parse(&format!("POST /x HTTP/1.1\r\nHost: x\r\n{h}\r\n"))
+                .unwrap()
+                .framing
+        };
+        assert_eq!(framing(""), Framing::None);
+        assert_eq!(
+            framing("Content-Length: 999999999999999\r\n"),
+            Framing::Length(999_999_999_999_999)
+        );
+        assert_eq!(
+            framing("Content-Length: 3\r\nContent-Length: 3\r\n"),
+            Framing::Length(3)
+        );
+        assert_eq!(
+            framing("Transfer-Encoding: gzip, Chunked\r\nContent-Length: 3\r\n"),
+            Framing::Encoded { chunked: true }
+        );
+        assert_eq!(
+            framing("Transfer-Encoding: gzip\r\n"),
+            Framing::Encoded { chunked: false }
+        );
+        assert!(
+            matches!(
+                parse("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n"),
+                Err(HeadError::Malformed(_))
+            ),
+            "a length past u64 is malformed, not wrapped"
+        );
+        let r = parse("POST / HTTP/1.1\r\nHost: x\r\nExpect: 100-Continue\r\n\r\n").unwrap();
+        assert!(r.expect_continue && r.method() == Method::Post);
+    }
+
+    #[test]
+    fn headers_are_found_in_any_case_and_lists_in_every_field() {
+        let r = parse_head(
+            b"POST /u?name=a&force=1 HTTP/1.1\r\nHost: box:8080\r\nX-Box-Token:  s3cret \r\n\
+              Accept: text/html\r\naccept: application/json\r\nX-Odd: \xff\r\n\r\n",
+        )
+        .unwrap();
+        assert_eq!(r.header("x-box-token"), Some("s3cret"));
+        assert_eq!(r.header("HOST"), Some("box:8080"));
+        assert_eq!(r.header("origin"), None);
+        assert_eq!(r.query(), "name=a&force=1");
+        assert!(r.wants_json());
+        assert_eq!(r.header("x-odd"), Some("\u{fffd}"));
+        assert_eq!(parse("GET / HTTP/1.0\r\n\r\n").unwrap().query(), "");
+    }
+
+    #[test]
+    fn only_plain_paths_route() {
+        for (target, want) in [
+            ("/", Some("/")),
+            ("/version", Some("/version")),
+            ("/version?x=1", Some("/version")),
+            ("http://example.org/ls", Some("/ls")),
+            ("HTTP://example.org", Some("/")),
+            (
+                "/update/opq-box-update-1.tar.bz2",
+                Some("/update/opq-box-update-1.tar.bz2"),
+            ),
+            ("/update/../../etc/passwd", None),
+            ("/update/%2e%2e/%2e%2e/etc/passwd", None),
+            ("/update/..%2fsecret.txt", None),
+            ("/update/..%5csecret.txt", None),
+            ("/update/..\\secret.txt", None),
+            ("/update//etc/passwd", None),
+            ("//update/x", None),
+            ("/update/./x", None),
+            ("/update/x/", None),
+            ("/update/x%00", None),
+            ("etc/passwd", None),
+            ("*", None),
+            ("/a#b", None),
+        ] {
+            assert_eq!(route_path(target), want, "{target}");
+        }
+        let long = format!("/update/{}", "a".repeat(MAX_PATH));
+        assert_eq!(route_path(&long), None);
+    }
+
+    fn accepts(a: &str) -> bool {
+        parse(&format!("GET / HTTP/1.1\r\nHost: x\r\nAccept: {a}\r\n\r\n"))
+            .unwrap()
+            .wants_json()
+    }
+
+    #[test]
+    fn accept_json() {
+        assert!(accepts("application/json"));
+        assert!(accepts("text/html, Application/JSON;q=0.5"));
+        assert!(!accepts("application/json;q=0"));
+        assert!(!accepts("text/plain"));
+        assert!(
+            !parse("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap()
+                .wants_json()
+        );
+    }
+}
