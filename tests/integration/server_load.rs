@@ -177,7 +177,6 @@ fn malformed_and_over_long_requests_get_4xx_or_are_dropped() {
         b"GET /version HTTP/1.1\r\nNo colon here\r\n\r\n".to_vec(),
         b"GET /version HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n".to_vec(),
         b"GET /version HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n".to_vec(),
-        b"GET /version HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
         b"G\x00T /version HTTP/1.1\r\n\r\n".to_vec(),
         b"GET /\xff\xfe HTTP/1.1\r\n\r\n".to_vec(),
         b"BREW /coffee HTCPCP/1.0\r\n\r\n".to_vec(),
@@ -200,5 +199,14 @@ fn malformed_and_over_long_requests_get_4xx_or_are_dropped() {
         );
         assert!(version_answers_within(port, Duration::from_secs(2)), "case {i} hurt the server");
     }
+    // A GET that announces a body the server never reads: answered, then the connection is
+    // closed, so nothing that follows on it can be taken for a request (no smuggling).
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /ls HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    c.read_to_end(&mut buf).expect("the connection is closed after the answer");
+    let text = String::from_utf8_lossy(&buf);
+    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "only one answer: {text}");
     assert!(s.lines.load(Ordering::Relaxed) > 0);
 }
