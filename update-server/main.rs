@@ -28,6 +28,10 @@ struct Cli {
     /// [default: 30].
     #[arg(long, value_name = "SECS")]
     timeout: Option<u64>,
+    /// Serve images from elsewhere: /latest and /update/<name> redirect to URL/<name> (a CDN, an
+    /// S3-compatible store or nginx holding the same files); this server keeps the index.
+    #[arg(long, value_name = "URL")]
+    public_base_url: Option<String>,
 }
 
 fn main() {
@@ -38,6 +42,7 @@ fn main() {
         port: cli.port,
         bind: cli.bind,
         timeout_secs: cli.timeout,
+        public_base_url: cli.public_base_url,
     };
     if let Err(e) = Settings::from_env(flags).and_then(server::run) {
         exit_with_error("update-server", &e, 1);

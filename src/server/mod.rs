@@ -67,6 +67,7 @@ pub fn run(settings: Settings) -> Result<()> {
     }
 
     let app = routes::App {
+        public_base_url: settings.public_base_url.clone(),
         index: index.clone(),
     };
     let config = http::Config {

@@ -19,6 +19,8 @@ const NO_IMAGE: &str = "no update image available\n";
 
 pub struct App {
     pub index: Arc<Index>,
+    /// Images are served from `<URL>/<name>` elsewhere; this server keeps the index endpoints.
+    pub public_base_url: Option<String>,
 }
 
 impl App {
@@ -53,7 +55,10 @@ impl App {
     fn latest(&self) -> Response {
         match self.index.snapshot().newest() {
             Some(img) => {
-                let location = format!("/update/{}", img.name.file_name());
+                let location = match &self.public_base_url {
+                    Some(base) => format!("{base}/{}", img.name.file_name()),
+                    None => format!("/update/{}", img.name.file_name()),
+                };
                 Response::text(303, format!("see {location}\n")).with_header("Location", location)
             }
             None => Response::text(404, NO_IMAGE),
@@ -102,6 +107,13 @@ impl App {
         let Some((_, kind, info)) = snap.lookup(name) else {
             return not_found();
         };
+        if let Some(base) = &self.public_base_url {
+            // Only names in the index are redirected, so this never points anywhere else.
+            let location = format!("{base}/{name}");
+            return Response::text(302, format!("see {location}\n"))
+                .with_header("Location", location)
+                .with_header("Cache-Control", IMMUTABLE);
+        }
         let file = match self.index.open(name, info) {
             Ok(f) => f,
             Err(e) => {
@@ -160,7 +172,10 @@ mod tests {
             &scan(dir, &HashSet::new()).unwrap(),
             &Snapshot::default(),
         ));
-        App { index }
+        App {
+            index,
+            public_base_url: None,
+        }
     }
 
     fn get(app: &App, target: &str) -> Response {

@@ -28,6 +28,9 @@ pub struct Settings {
     /// Connections served at once; each has its own thread, so a slow download never holds up
     /// another client. Beyond this, new clients get 503.
     pub max_connections: usize,
+    /// Where the image files are served from when they are not served here (a CDN, an
+    /// S3-compatible store, nginx): `/latest` and `/update/<name>` redirect to `<URL>/<name>`.
+    pub public_base_url: Option<String>,
 }
 
 /// What the command line gave; `None` means "not given".
@@ -37,6 +40,7 @@ pub struct Flags {
     pub port: Option<u16>,
     pub bind: Option<IpAddr>,
     pub timeout_secs: Option<u64>,
+    pub public_base_url: Option<String>,
 }
 
 /// What the environment's JSON gave.
@@ -48,6 +52,16 @@ struct EnvSettings {
     timeout_secs: Option<u64>,
     rescan_secs: Option<u64>,
     max_connections: Option<usize>,
+    public_base_url: Option<String>,
+}
+
+/// A base URL the boxes can fetch from: http(s), a host, no query; kept without a trailing slash.
+fn base_url(url: &str) -> Result<String> {
+    crate::updater::config::check_url(url).context("public base URL")?;
+    if url.contains(['?', '#']) {
+        bail!("public base URL {url:?} must not have a query or fragment");
+    }
+    Ok(url.trim_end_matches('/').to_string())
 }
 
 impl Settings {
@@ -90,6 +104,11 @@ impl Settings {
                 "rescan_secs",
             )?,
             max_connections,
+            public_base_url: flags
+                .public_base_url
+                .or(env.public_base_url)
+                .map(|u| base_url(&u))
+                .transpose()?,
         })
     }
 
@@ -132,6 +151,12 @@ fn parse_env(text: &str) -> Result<EnvSettings> {
             "timeout_secs" => out.timeout_secs = Some(number(v, key)?),
             "rescan_secs" => out.rescan_secs = Some(number(v, key)?),
             "max_connections" => out.max_connections = Some(number(v, key)?),
+            "public_base_url" => {
+                let s = v
+                    .as_str()
+                    .with_context(|| format!("\"public_base_url\" must be a string, not {v}"))?;
+                out.public_base_url = Some(s.to_string());
+            }
             // The deployment's JSON may carry keys meant for other services.
             other => log::warn!("ignoring unknown setting {other:?} in {SETTINGS_ENV}"),
         }
@@ -187,6 +212,7 @@ mod tests {
             port: Some(1),
             bind: Some("::1".parse().unwrap()),
             timeout_secs: Some(2),
+            public_base_url: Some("https://cdn.example/boxes/".into()),
         };
         let s = Settings::resolve(
             flags,
@@ -197,6 +223,15 @@ mod tests {
             (s.dir, s.port, s.bind.to_string(), s.timeout.as_secs()),
             (PathBuf::from("/a"), 1, "::1".to_string(), 2)
         );
+        assert_eq!(
+            s.public_base_url.as_deref(),
+            Some("https://cdn.example/boxes")
+        );
+        let bad = Flags {
+            public_base_url: Some("ftp://x".into()),
+            ..Flags::default()
+        };
+        assert!(Settings::resolve(bad, None).is_err());
     }
 
     #[test]

@@ -50,19 +50,32 @@ fn start(dir: &std::path::Path) -> Logged {
         });
     }
     wait_for_port(port, &mut child);
-    Logged { run: Running { child, port }, lines, version_lines, tail }
+    Logged {
+        run: Running { child, port },
+        lines,
+        version_lines,
+        tail,
+    }
 }
 
 fn rss_kib(pid: u32) -> u64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)).unwrap().parse().unwrap()
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 fn version_answers_within(port: u16, limit: Duration) -> bool {
     let t = Instant::now();
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
     s.set_read_timeout(Some(limit)).unwrap();
-    s.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    s.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut buf = String::new();
     let _ = s.read_to_string(&mut buf);
     buf.starts_with("HTTP/1.1 200") && t.elapsed() < limit
@@ -71,7 +84,13 @@ fn version_answers_within(port: u16, limit: Duration) -> bool {
 fn publish(d: &Dir) -> std::path::PathBuf {
     sample_payload(d, "load");
     let updates = d.mkdir("updates");
-    build_image(d, &updates, 1_700_000_001, &["payload/box-config-daemon"], &[]);
+    build_image(
+        d,
+        &updates,
+        1_700_000_001,
+        &["payload/box-config-daemon"],
+        &[],
+    );
     updates
 }
 
@@ -79,13 +98,18 @@ fn publish(d: &Dir) -> std::path::PathBuf {
 fn two_hundred_idle_connections_do_not_stop_version() {
     let d = Dir::new();
     let s = start(&publish(&d));
-    let idle: Vec<TcpStream> = (0..200).map(|_| TcpStream::connect(("127.0.0.1", s.run.port)).unwrap()).collect();
+    let idle: Vec<TcpStream> = (0..200)
+        .map(|_| TcpStream::connect(("127.0.0.1", s.run.port)).unwrap())
+        .collect();
     // Half of them also start a request and stall in the middle of its head.
     for c in idle.iter().step_by(2) {
         (&*c).write_all(b"GET /version HTTP/1.1\r\nHo").unwrap();
     }
     for _ in 0..20 {
-        assert!(version_answers_within(s.run.port, Duration::from_millis(500)), "/version held up by idle connections");
+        assert!(
+            version_answers_within(s.run.port, Duration::from_millis(500)),
+            "/version held up by idle connections"
+        );
     }
     drop(idle);
 }
@@ -115,7 +139,9 @@ fn a_hundred_thousand_requests_on_128_connections_without_error() {
                 let mut r = BufReader::new(s.try_clone().unwrap());
                 let mut line = String::new();
                 for _ in 0..n {
-                    if s.write_all(b"GET /version HTTP/1.1\r\nHost: load\r\n\r\n").is_err() {
+                    if s.write_all(b"GET /version HTTP/1.1\r\nHost: load\r\n\r\n")
+                        .is_err()
+                    {
                         errors.fetch_add(1, Ordering::Relaxed);
                         return;
                     }
@@ -150,14 +176,25 @@ fn a_hundred_thousand_requests_on_128_connections_without_error() {
     assert_eq!(errors.load(Ordering::Relaxed), 0);
     assert_eq!(done.load(Ordering::Relaxed), total);
     let after = rss_kib(s.run.child.id());
-    eprintln!("{total} requests on {conns} connections in {secs:.1} s ({:.0}/s); RSS {before} KiB -> {after} KiB", total as f64 / secs);
-    assert!(after < before + 8 * 1024, "memory grew under load: {before} KiB -> {after} KiB");
+    eprintln!(
+        "{total} requests on {conns} connections in {secs:.1} s ({:.0}/s); RSS {before} KiB -> {after} KiB",
+        total as f64 / secs
+    );
+    assert!(
+        after < before + 8 * 1024,
+        "memory grew under load: {before} KiB -> {after} KiB"
+    );
     // The access log keeps up: one line per request.
     let deadline = Instant::now() + Duration::from_secs(20);
     while s.version_lines.load(Ordering::Relaxed) < total + 100 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(s.version_lines.load(Ordering::Relaxed), total + 100, "access log lines: {:?}", s.tail.lock().unwrap());
+    assert_eq!(
+        s.version_lines.load(Ordering::Relaxed),
+        total + 100,
+        "access log lines: {:?}",
+        s.tail.lock().unwrap()
+    );
 }
 
 #[test]
@@ -166,8 +203,14 @@ fn malformed_and_over_long_requests_get_4xx_or_are_dropped() {
     let s = start(&publish(&d));
     let port = s.run.port;
     let long_path = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(20_000));
-    let long_header = format!("GET /version HTTP/1.1\r\nHost: x\r\nX-Junk: {}\r\n\r\n", "b".repeat(20_000));
-    let many_headers = format!("GET /version HTTP/1.1\r\n{}\r\n", "X-A: 1\r\n".repeat(2_000));
+    let long_header = format!(
+        "GET /version HTTP/1.1\r\nHost: x\r\nX-Junk: {}\r\n\r\n",
+        "b".repeat(20_000)
+    );
+    let many_headers = format!(
+        "GET /version HTTP/1.1\r\n{}\r\n",
+        "X-A: 1\r\n".repeat(2_000)
+    );
     let cases: Vec<Vec<u8>> = vec![
         b"\r\n\r\n".to_vec(),
         b"GARBAGE\r\n\r\n".to_vec(),
@@ -176,7 +219,8 @@ fn malformed_and_over_long_requests_get_4xx_or_are_dropped() {
         b"GET /version HTTP/9.9\r\n\r\n".to_vec(),
         b"GET /version HTTP/1.1\r\nNo colon here\r\n\r\n".to_vec(),
         b"GET /version HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n".to_vec(),
-        b"GET /version HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n".to_vec(),
+        b"GET /version HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n"
+            .to_vec(),
         b"G\x00T /version HTTP/1.1\r\n\r\n".to_vec(),
         b"GET /\xff\xfe HTTP/1.1\r\n\r\n".to_vec(),
         b"BREW /coffee HTCPCP/1.0\r\n\r\n".to_vec(),
@@ -192,12 +236,19 @@ fn malformed_and_over_long_requests_get_4xx_or_are_dropped() {
         let mut buf = Vec::new();
         let _ = c.read_to_end(&mut buf);
         let head = String::from_utf8_lossy(&buf[..buf.len().min(40)]).into_owned();
-        let status: u16 = head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         assert!(
             buf.is_empty() || (400..500).contains(&status) || status == 501 || status == 505,
             "case {i}: answered {head:?}"
         );
-        assert!(version_answers_within(port, Duration::from_secs(2)), "case {i} hurt the server");
+        assert!(
+            version_answers_within(port, Duration::from_secs(2)),
+            "case {i} hurt the server"
+        );
     }
     // A GET that announces a body the server never reads: answered, then the connection is
     // closed, so nothing that follows on it can be taken for a request (no smuggling).
@@ -205,8 +256,13 @@ fn malformed_and_over_long_requests_get_4xx_or_are_dropped() {
     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     c.write_all(b"GET /version HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /ls HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
     let mut buf = Vec::new();
-    c.read_to_end(&mut buf).expect("the connection is closed after the answer");
+    c.read_to_end(&mut buf)
+        .expect("the connection is closed after the answer");
     let text = String::from_utf8_lossy(&buf);
-    assert_eq!(text.matches("HTTP/1.1 ").count(), 1, "only one answer: {text}");
+    assert_eq!(
+        text.matches("HTTP/1.1 ").count(),
+        1,
+        "only one answer: {text}"
+    );
     assert!(s.lines.load(Ordering::Relaxed) > 0);
 }

@@ -1,0 +1,171 @@
+//! Scale-out: update-server with `--public-base-url` keeps only the index endpoints and sends the
+//! image bytes to nginx (Debian's), as it would to a CDN or an S3-compatible store.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+
+use crate::util::*;
+
+const V1: u64 = 1_700_000_001;
+
+struct Nginx {
+    child: std::process::Child,
+    port: u16,
+    access_log: std::path::PathBuf,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// nginx in the foreground, serving `dir` at `/boxes/` on a free port.
+fn start_nginx(d: &Dir, dir: &std::path::Path) -> Nginx {
+    let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("nginx is not installed: run scripts/test.sh (it installs nginx-light)");
+    let port = free_port();
+    let conf_dir = d.mkdir("nginx");
+    let access_log = conf_dir.join("access.log");
+    // Running as root, nginx's workers would otherwise drop to a user that can't read a temp dir.
+    let user = if nix::unistd::geteuid().is_root() {
+        "user root;"
+    } else {
+        ""
+    };
+    let conf = format!(
+        "{user}\nworker_processes 1;\ndaemon off;\npid {c}/nginx.pid;\nerror_log {c}/error.log;\n\
+         events {{ worker_connections 64; }}\n\
+         http {{\n  access_log {log};\n  client_body_temp_path {c};\n  proxy_temp_path {c};\n  fastcgi_temp_path {c};\n  uwsgi_temp_path {c};\n  scgi_temp_path {c};\n\
+           server {{ listen 127.0.0.1:{port}; location /boxes/ {{ alias {dir}/; }} }}\n}}\n",
+        c = conf_dir.display(),
+        log = access_log.display(),
+        dir = dir.display(),
+    );
+    let conf_path = conf_dir.join("nginx.conf");
+    std::fs::write(&conf_path, conf).unwrap();
+    let mut child = Command::new(bin)
+        .arg("-c")
+        .arg(&conf_path)
+        .arg("-p")
+        .arg(&conf_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port, &mut child);
+    Nginx {
+        child,
+        port,
+        access_log,
+    }
+}
+
+fn raw_get(port: u16, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).unwrap();
+    let status = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, buf)
+}
+
+fn location(resp: &str) -> Option<String> {
+    resp.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("location")
+            .then(|| v.trim().to_string())
+    })
+}
+
+#[test]
+fn images_are_served_by_nginx_while_update_server_keeps_the_index() {
+    let d = Dir::new();
+    let updates = d.mkdir("updates");
+    sample_payload(&d, "cdn");
+    let image = build_image(&d, &updates, V1, &["payload/box-config-daemon"], &[]);
+    let name = image.file_name().unwrap().to_str().unwrap().to_string();
+    let nginx = start_nginx(&d, &updates);
+    let base = format!("http://127.0.0.1:{}/boxes", nginx.port);
+
+    let port = free_port();
+    let mut child = cmd(UPDATE_SERVER)
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--public-base-url",
+            &format!("{base}/"),
+            "--dir",
+        ])
+        .arg(&updates)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port, &mut child);
+    let server = Running { child, port };
+
+    assert_eq!(
+        raw_get(port, "/version").1.rsplit("\r\n").next().unwrap(),
+        V1.to_string()
+    );
+    let (status, resp) = raw_get(port, "/latest");
+    assert_eq!(status, 303);
+    assert_eq!(
+        location(&resp).as_deref(),
+        Some(format!("{base}/{name}").as_str())
+    );
+    let (status, resp) = raw_get(port, &format!("/update/{name}.sha256"));
+    assert_eq!(status, 302);
+    assert_eq!(
+        location(&resp).as_deref(),
+        Some(format!("{base}/{name}.sha256").as_str())
+    );
+    // Names outside the index are still 404 here, never redirected.
+    assert_eq!(raw_get(port, "/update/secret.txt").0, 404);
+    assert_eq!(raw_get(port, "/update/..%2fetc%2fpasswd").0, 404);
+
+    // An old box: wget follows /latest to nginx and saves the image.
+    let got = d.join("wget.tar.bz2");
+    let o = Command::new("wget")
+        .args(["-q", "-O"])
+        .arg(&got)
+        .arg(server.url("/latest"))
+        .env("no_proxy", "*")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read(&got).unwrap(), std::fs::read(&image).unwrap());
+
+    // A new box: box-updater follows the redirect and fetches the image and sidecar from nginx.
+    let b = BoxUnderTest::new(&d, "box", &server.url(""));
+    let o = b.run(&["update"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(b.current_version(), Some(V1));
+    b.assert_current_complete();
+    let log = std::fs::read_to_string(&nginx.access_log).unwrap();
+    assert!(
+        log.contains(&format!("GET /boxes/{name} ")),
+        "nginx served the image: {log}"
+    );
+    assert!(
+        log.contains(&format!("GET /boxes/{name}.sha256 ")),
+        "and its sidecar: {log}"
+    );
+}
