@@ -336,12 +336,19 @@ pub fn meta_path(part: &Path) -> PathBuf {
 }
 
 fn classify(url: &str, e: ureq::Error) -> FetchError {
+    let text = e.to_string();
+    if text.contains("certificate") || text.contains("UnknownIssuer") {
+        // Retrying won't change the certificate.
+        return FetchError::Permanent(format!(
+            "{url}: the server's TLS certificate is not trusted ({text}); for a private CA pass --ca-file"
+        ));
+    }
     match e {
         ureq::Error::Io(_)
         | ureq::Error::Timeout(_)
         | ureq::Error::ConnectionFailed
-        | ureq::Error::HostNotFound => FetchError::Transient(format!("cannot reach {url}: {e}")),
-        other => FetchError::Permanent(format!("request to {url} failed: {other}")),
+        | ureq::Error::HostNotFound => FetchError::Transient(format!("cannot reach {url}: {text}")),
+        _ => FetchError::Permanent(format!("request to {url} failed: {text}")),
     }
 }
 

@@ -22,8 +22,17 @@ impl Drop for Nginx {
     }
 }
 
-/// nginx in the foreground, serving `dir` at `/boxes/` on a free port.
+/// nginx in the foreground, serving `dir` at `/boxes/` on a free port (over TLS with `tls`:
+/// certificate and key files).
 fn start_nginx(d: &Dir, dir: &std::path::Path) -> Nginx {
+    start_nginx_with(d, dir, None)
+}
+
+fn start_nginx_with(
+    d: &Dir,
+    dir: &std::path::Path,
+    tls: Option<(&std::path::Path, &std::path::Path)>,
+) -> Nginx {
     let bin = ["/usr/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
@@ -41,10 +50,18 @@ fn start_nginx(d: &Dir, dir: &std::path::Path) -> Nginx {
         "{user}\nworker_processes 1;\ndaemon off;\npid {c}/nginx.pid;\nerror_log {c}/error.log;\n\
          events {{ worker_connections 64; }}\n\
          http {{\n  access_log {log};\n  client_body_temp_path {c};\n  proxy_temp_path {c};\n  fastcgi_temp_path {c};\n  uwsgi_temp_path {c};\n  scgi_temp_path {c};\n\
-           server {{ listen 127.0.0.1:{port}; location /boxes/ {{ alias {dir}/; }} }}\n}}\n",
+           server {{ listen 127.0.0.1:{port}{ssl}; {certs} location /boxes/ {{ alias {dir}/; }} }}\n}}\n",
         c = conf_dir.display(),
         log = access_log.display(),
         dir = dir.display(),
+        ssl = if tls.is_some() { " ssl" } else { "" },
+        certs = tls
+            .map(|(c, k)| format!(
+                "ssl_certificate {}; ssl_certificate_key {};",
+                c.display(),
+                k.display()
+            ))
+            .unwrap_or_default(),
     );
     let conf_path = conf_dir.join("nginx.conf");
     std::fs::write(&conf_path, conf).unwrap();
@@ -168,4 +185,62 @@ fn images_are_served_by_nginx_while_update_server_keeps_the_index() {
         log.contains(&format!("GET /boxes/{name}.sha256 ")),
         "and its sidecar: {log}"
     );
+}
+
+/// A private CA and a certificate for 127.0.0.1 signed by it: (ca.pem, server.pem, server.key).
+fn make_ca(d: &Dir) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let dir = d.mkdir("tls");
+    std::fs::write(
+        dir.join("ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    sh(
+        &dir,
+        "openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=opq-test-ca 2>/dev/null && \
+         openssl req -newkey rsa:2048 -nodes -keyout srv.key -out srv.csr -subj /CN=127.0.0.1 2>/dev/null && \
+         openssl x509 -req -in srv.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out srv.pem -days 2 -extfile ext 2>/dev/null",
+    );
+    (dir.join("ca.pem"), dir.join("srv.pem"), dir.join("srv.key"))
+}
+
+#[test]
+fn https_with_a_private_ca_needs_the_ca_file() {
+    let d = Dir::new();
+    let updates = d.mkdir("updates");
+    sample_payload(&d, "tls");
+    build_image(&d, &updates, V1, &["payload/box-config-daemon"], &[]);
+    let (ca, cert, key) = make_ca(&d);
+    let nginx = start_nginx_with(&d, &updates, Some((&cert, &key)));
+    let port = free_port();
+    let mut child = cmd(UPDATE_SERVER)
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "--public-base-url",
+            &format!("https://127.0.0.1:{}/boxes", nginx.port),
+            "--dir",
+        ])
+        .arg(&updates)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_port(port, &mut child);
+    let server = Running { child, port };
+    let b = BoxUnderTest::new(&d, "box", &server.url(""));
+    // The bundled roots don't know this CA: refused, nothing installed.
+    let o = b.run(&["update", "--retries", "0"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("--ca-file"),
+        "the error says what to do: {}",
+        stderr(&o)
+    );
+    assert_eq!(b.current_version(), None);
+    // With the CA file the same update goes through over TLS.
+    let o = b.run(&["update", "--ca-file", ca.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(b.current_version(), Some(V1));
+    b.assert_current_complete();
 }
