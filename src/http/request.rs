@@ -241,7 +241,9 @@ pub fn route_path(target: &str) -> Option<&str> {
     let mut path = target;
     // absolute-form, as sent to proxies: `http://host/path`.
     for scheme in ["http://", "https://"] {
-        if path.len() >= scheme.len() && path[..scheme.len()].eq_ignore_ascii_case(scheme) {
+        // Compared as bytes: a multi-byte character may straddle the scheme's length.
+        let head = &path.as_bytes()[..scheme.len().min(path.len())];
+        if head.eq_ignore_ascii_case(scheme.as_bytes()) {
             let rest = &path[scheme.len()..];
             path = rest.find('/').map_or("/", |i| &rest[i..]);
             break;
@@ -267,6 +269,21 @@ pub fn route_path(target: &str) -> Option<&str> {
 
 #[cfg(test)]
 mod tests {
+    /// Found by the `http_request` fuzz target: a target with a multi-byte character where
+    /// the scheme check cut the string panicked.
+    #[test]
+    fn route_path_survives_multibyte_targets() {
+        for t in [
+            "OETGe[\u{5}\u{412} /",
+            "http\u{412}\u{412}",
+            "https:/\u{412}x",
+            "\u{412}",
+        ] {
+            assert_eq!(route_path(t), None, "{t:?}");
+        }
+        assert_eq!(route_path("HTTP://host/version"), Some("/version"));
+    }
+
     use super::*;
 
     fn parse(s: &str) -> Result<Request<'_>, HeadError> {

@@ -224,6 +224,10 @@ fn malformed_and_over_long_requests_get_4xx_or_are_dropped() {
         b"G\x00T /version HTTP/1.1\r\n\r\n".to_vec(),
         b"GET /\xff\xfe HTTP/1.1\r\n\r\n".to_vec(),
         b"BREW /coffee HTCPCP/1.0\r\n\r\n".to_vec(),
+        // Found by fuzzing: a multi-byte character where the scheme check used to cut the target.
+        "GET http\u{412}\u{412} HTTP/1.1\r\nHost: x\r\n\r\n"
+            .as_bytes()
+            .to_vec(),
         long_path.into_bytes(),
         long_header.into_bytes(),
         many_headers.into_bytes(),
