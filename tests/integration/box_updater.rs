@@ -45,9 +45,19 @@ impl Fleet {
             &["payload/box-config-daemon"],
             extra,
         );
-        publish_files(&staging, &self.updates);
+        publish_dir(&staging, &self.updates);
         self.updates.join(image.file_name().unwrap())
     }
+    /// A box that installed and confirmed `version`, published here first.
+    fn box_running(&self, version: u64) -> BoxUnderTest {
+        self.publish(version, &[]);
+        self.wait_listed(version);
+        let b = BoxUnderTest::new(&self.dir, "box", &self.url());
+        ok(&b.run(&["update"]));
+        ok(&b.run(&["confirm"]));
+        b
+    }
+
     fn wait_listed(&self, version: u64) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -57,18 +67,6 @@ impl Fleet {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("the server never listed {version}");
-    }
-}
-
-/// Moves every file of `from` into `to` by rename (as a publisher would), sidecars first.
-fn publish_files(from: &std::path::Path, to: &std::path::Path) {
-    let mut names: Vec<_> = std::fs::read_dir(from)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    names.sort_by_key(|n| n.to_string_lossy().ends_with(".tar.bz2"));
-    for n in names {
-        std::fs::rename(from.join(&n), to.join(&n)).unwrap();
     }
 }
 
@@ -222,11 +220,7 @@ fn a_downgrade_is_refused_unless_forced() {
 #[test]
 fn a_failing_install_script_leaves_the_box_as_it_was() {
     let f = Fleet::new();
-    f.publish(V1, &[]);
-    f.wait_listed(V1);
-    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
-    ok(&b.run(&["update"]));
-    ok(&b.run(&["confirm"]));
+    let b = f.box_running(V1);
     let script = f
         .dir
         .write("bad_install.sh", "#!/bin/sh\necho about to fail\nexit 7\n");
@@ -324,11 +318,7 @@ fn a_failing_health_check_after_the_reboot_rolls_back() {
 #[test]
 fn too_many_boots_without_confirmation_roll_back() {
     let f = Fleet::new();
-    f.publish(V1, &[]);
-    f.wait_listed(V1);
-    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
-    ok(&b.run(&["update"]));
-    ok(&b.run(&["confirm"]));
+    let b = f.box_running(V1);
     f.publish(V2, &[]);
     f.wait_listed(V2);
     ok(&b.run(&["update"]));
@@ -393,14 +383,9 @@ impl CuttingProxy {
                 let seen = seen2.clone();
                 let cuts = cuts.clone();
                 std::thread::spawn(move || {
-                    let mut req = Vec::new();
-                    let mut byte = [0u8; 1];
-                    while !req.ends_with(b"\r\n\r\n") {
-                        if client.read(&mut byte).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        req.push(byte[0]);
-                    }
+                    let Some(req) = read_head(&mut client) else {
+                        return;
+                    };
                     let text = String::from_utf8_lossy(&req).into_owned();
                     let first = text.lines().next().unwrap_or("").to_string();
                     let range = text
@@ -436,17 +421,6 @@ impl CuttingProxy {
         });
         CuttingProxy { port, seen }
     }
-}
-
-/// The request with `Connection: close`, so that the upstream ends its answer with EOF.
-fn close_request(req: &[u8]) -> Vec<u8> {
-    let text = String::from_utf8_lossy(req);
-    let mut lines: Vec<&str> = text
-        .split("\r\n")
-        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
-        .collect();
-    lines.truncate(lines.len().saturating_sub(2));
-    (lines.join("\r\n") + "\r\nConnection: close\r\n\r\n").into_bytes()
 }
 
 #[test]
@@ -510,11 +484,7 @@ fn kill_9_at_random_moments_never_leaves_a_broken_box() {
         noise.extend_from_slice(format!("{x:x}\n").as_bytes());
     }
     f.dir.write("payload/box-config-daemon/data.txt", &noise);
-    f.publish(V1, &[]);
-    f.wait_listed(V1);
-    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
-    ok(&b.run(&["update"]));
-    ok(&b.run(&["confirm"]));
+    let b = f.box_running(V1);
     f.publish(V2, &[]);
     f.wait_listed(V2);
 

@@ -77,14 +77,7 @@ fn image_extracts_with_gnu_tar_and_its_sums_pass() {
 fn signature_verifies_with_debian_minisign_and_binds_the_name() {
     let d = Dir::new();
     sample_payload(&d, "signed");
-    let o = run(cmd(BUILD_UPDATE).current_dir(d.path()).args([
-        "keygen",
-        "--secret-key",
-        "k.key",
-        "--public-key",
-        "k.pub",
-    ]));
-    assert!(o.status.success(), "{}", stderr(&o));
+    keygen(&d, "k");
     assert_eq!(
         std::fs::metadata(d.join("k.key"))
             .unwrap()

@@ -36,10 +36,7 @@ fn setup() -> Setup {
     let staging = dir.mkdir("staging");
     let image = build_image(&dir, &staging, V2, &["payload/box-config-daemon"], &[]);
     let image_size = std::fs::metadata(&image).unwrap().len();
-    for e in std::fs::read_dir(&staging).unwrap() {
-        let e = e.unwrap();
-        std::fs::rename(e.path(), updates.join(e.file_name())).unwrap();
-    }
+    publish_dir(&staging, &updates);
     // V1 is installed straight from its own directory through a second server.
     let server = start_update_server(&updates);
     Setup {
@@ -262,10 +259,7 @@ fn an_image_that_expands_past_the_free_space_is_refused_while_unpacking() {
     let updates = d.mkdir("updates");
     let staging = d.mkdir("staging");
     build_image(&d, &staging, V2, &["payload/zeros"], &[]);
-    for e in std::fs::read_dir(&staging).unwrap() {
-        let e = e.unwrap();
-        std::fs::rename(e.path(), updates.join(e.file_name())).unwrap();
-    }
+    publish_dir(&staging, &updates);
     let server = start_update_server(&updates);
     let b = BoxUnderTest::new(&d, "full", &server.url(""));
     let b = BoxUnderTest {

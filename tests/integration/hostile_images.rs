@@ -158,10 +158,7 @@ fn refuse_all(cases: Vec<Case>, key_args: &[&str], d: &Dir, canaries: &[PathBuf]
         vec!["--sign-key", "k.key"]
     };
     build_image(d, &staging, V1, &["payload/box-config-daemon"], &extra);
-    for e in std::fs::read_dir(&staging).unwrap() {
-        let e = e.unwrap();
-        std::fs::rename(e.path(), updates.join(e.file_name())).unwrap();
-    }
+    publish_dir(&staging, &updates);
     wait_version(server.port, V1);
     let b = BoxUnderTest::new(d, "box", &server.url(""));
     let run = |args: &[&str]| {
@@ -396,16 +393,8 @@ fn hostile_archives_are_refused() {
 #[test]
 fn unsigned_wrongly_signed_and_moved_signatures_are_refused() {
     let d = Dir::new();
-    for (sk, pk) in [("k.key", "k.pub"), ("other.key", "other.pub")] {
-        let o = run(cmd(BUILD_UPDATE).current_dir(d.path()).args([
-            "keygen",
-            "--secret-key",
-            sk,
-            "--public-key",
-            pk,
-        ]));
-        assert!(o.status.success());
-    }
+    keygen(&d, "k");
+    keygen(&d, "other");
     let pubkey = d.join("k.pub");
     let key_args = ["--public-key", pubkey.to_str().unwrap()];
 
@@ -445,10 +434,7 @@ fn unsigned_wrongly_signed_and_moved_signatures_are_refused() {
         &["payload/box-config-daemon"],
         &["--sign-key", "k.key"],
     );
-    for e in std::fs::read_dir(&s1).unwrap() {
-        let e = e.unwrap();
-        std::fs::rename(e.path(), updates.join(e.file_name())).unwrap();
-    }
+    publish_dir(&s1, &updates);
     wait_version(server.port, V1);
     let b = BoxUnderTest::new(&d, "box", &server.url(""));
     let with_key = |args: &[&str]| {

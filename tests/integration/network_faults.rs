@@ -38,30 +38,10 @@ struct Proxy {
     requests: Arc<Mutex<Vec<String>>>,
 }
 
-fn read_head(s: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut req = Vec::new();
-    let mut b = [0u8; 1];
-    while !req.ends_with(b"\r\n\r\n") {
-        if s.read(&mut b).ok()? == 0 {
-            return None;
-        }
-        req.push(b[0]);
-    }
-    Some(req)
-}
-
 /// Reads a whole upstream response: (head, body).
 fn fetch(upstream: u16, req: &[u8]) -> (String, Vec<u8>) {
     let mut up = TcpStream::connect(("127.0.0.1", upstream)).unwrap();
-    // One request per connection: drop any Connection header and ask for close.
-    let text = String::from_utf8_lossy(req);
-    let mut lines: Vec<&str> = text
-        .split("\r\n")
-        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
-        .collect();
-    lines.truncate(lines.len().saturating_sub(2));
-    let text = lines.join("\r\n") + "\r\nConnection: close\r\n\r\n";
-    up.write_all(text.as_bytes()).unwrap();
+    up.write_all(&close_request(req)).unwrap();
     let mut all = Vec::new();
     up.read_to_end(&mut all).unwrap();
     let split = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
@@ -215,10 +195,7 @@ fn setup() -> (Setup, BoxUnderTest) {
     let staging = dir.mkdir("staging");
     let image = build_image(&dir, &staging, V2, &["payload/box-config-daemon"], &[]);
     let v2_image = std::fs::read(&image).unwrap();
-    for e in std::fs::read_dir(&staging).unwrap() {
-        let e = e.unwrap();
-        std::fs::rename(e.path(), updates.join(e.file_name())).unwrap();
-    }
+    publish_dir(&staging, &updates);
     let server = start_update_server(&updates);
     (
         Setup {

@@ -34,14 +34,7 @@ fn arm_runner() -> Vec<String> {
 fn the_arm_box_updater_updates_a_box_under_qemu() {
     let runner = arm_runner();
     let d = Dir::new();
-    let o = run(cmd(BUILD_UPDATE).current_dir(d.path()).args([
-        "keygen",
-        "--secret-key",
-        "k.key",
-        "--public-key",
-        "k.pub",
-    ]));
-    assert!(o.status.success());
+    keygen(&d, "k");
     let updates = d.mkdir("updates");
     sample_payload(&d, "pi-1");
     let staging = d.mkdir("staging1");
@@ -52,10 +45,7 @@ fn the_arm_box_updater_updates_a_box_under_qemu() {
         &["payload/box-config-daemon"],
         &["--sign-key", "k.key"],
     );
-    for e in std::fs::read_dir(&staging).unwrap() {
-        let e = e.unwrap();
-        std::fs::rename(e.path(), updates.join(e.file_name())).unwrap();
-    }
+    publish_dir(&staging, &updates);
     let server = start_update_server(&updates);
     let mut b = BoxUnderTest::new(&d, "pibox", &server.url(""));
     b.runner = Some(runner);
@@ -83,10 +73,7 @@ fn the_arm_box_updater_updates_a_box_under_qemu() {
         &["payload/box-config-daemon"],
         &["--sign-key", "k.key"],
     );
-    for e in std::fs::read_dir(&staging).unwrap() {
-        let e = e.unwrap();
-        std::fs::rename(e.path(), updates.join(e.file_name())).unwrap();
-    }
+    publish_dir(&staging, &updates);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
         let st = b.run(&["check"]);

@@ -118,25 +118,9 @@ fn images_are_served_by_nginx_while_update_server_keeps_the_index() {
     let nginx = start_nginx(&d, &updates);
     let base = format!("http://127.0.0.1:{}/boxes", nginx.port);
 
-    let port = free_port();
-    let mut child = cmd(UPDATE_SERVER)
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-            "--public-base-url",
-            &format!("{base}/"),
-            "--dir",
-        ])
-        .arg(&updates)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_port(port, &mut child);
-    let server = Running { child, port };
+    let url = format!("{base}/");
+    let server = start_update_server_with(&updates, &["--public-base-url", &url]);
+    let port = server.port;
 
     assert_eq!(
         raw_get(port, "/version").1.rsplit("\r\n").next().unwrap(),
@@ -212,22 +196,8 @@ fn https_with_a_private_ca_needs_the_ca_file() {
     build_image(&d, &updates, V1, &["payload/box-config-daemon"], &[]);
     let (ca, cert, key) = make_ca(&d);
     let nginx = start_nginx_with(&d, &updates, Some((&cert, &key)));
-    let port = free_port();
-    let mut child = cmd(UPDATE_SERVER)
-        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-        .args([
-            "--public-base-url",
-            &format!("https://127.0.0.1:{}/boxes", nginx.port),
-            "--dir",
-        ])
-        .arg(&updates)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_for_port(port, &mut child);
-    let server = Running { child, port };
+    let url = format!("https://127.0.0.1:{}/boxes", nginx.port);
+    let server = start_update_server_with(&updates, &["--public-base-url", &url]);
     let b = BoxUnderTest::new(&d, "box", &server.url(""));
     // The bundled roots don't know this CA: refused, nothing installed.
     let o = b.run(&["update", "--retries", "0"]);

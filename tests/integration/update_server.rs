@@ -211,14 +211,7 @@ fn setup() -> (Dir, PathBuf) {
 #[test]
 fn every_endpoint_answers_exactly() {
     let (d, updates) = setup();
-    let o = run(cmd(BUILD_UPDATE).current_dir(d.path()).args([
-        "keygen",
-        "--secret-key",
-        "k.key",
-        "--public-key",
-        "k.pub",
-    ]));
-    assert!(o.status.success(), "{}", stderr(&o));
+    keygen(&d, "k");
     build_image(&d, &updates, V1, &["payload/box-config-daemon"], &[]);
     build_image(
         &d,

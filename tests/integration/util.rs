@@ -203,9 +203,16 @@ pub fn tree(root: &Path) -> Vec<String> {
 
 /// Starts the real update-server over `dir` on a free port.
 pub fn start_update_server(dir: &Path) -> Running {
+    start_update_server_with(dir, &[])
+}
+
+/// The same, with more flags (e.g. `--public-base-url`).
+pub fn start_update_server_with(dir: &Path, extra: &[&str]) -> Running {
     let port = free_port();
     let mut child = cmd(UPDATE_SERVER)
-        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--dir"])
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(extra)
+        .arg("--dir")
         .arg(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -328,4 +335,56 @@ impl BoxUnderTest {
             "current release fails its SHA256SUMS"
         );
     }
+}
+
+/// Moves every file of a build's `--out` directory into a served directory by rename, as a
+/// publisher would: sidecars first, the image last, so a watcher never sees an image alone.
+pub fn publish_dir(from: &Path, to: &Path) {
+    let mut names: Vec<_> = std::fs::read_dir(from)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    names.sort_by_key(|n| n.to_string_lossy().ends_with(".tar.bz2"));
+    for n in names {
+        std::fs::rename(from.join(&n), to.join(&n)).unwrap();
+    }
+}
+
+/// Reads one request head (through the blank line) from a proxy's client, byte by byte so that
+/// nothing after it is consumed; `None` when the client goes away first.
+pub fn read_head(s: &mut std::net::TcpStream) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut req = Vec::new();
+    let mut b = [0u8; 1];
+    while !req.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b).ok()? == 0 {
+            return None;
+        }
+        req.push(b[0]);
+    }
+    Some(req)
+}
+
+/// A relayed request with `Connection: close`, so that the upstream ends its answer with EOF.
+pub fn close_request(req: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8_lossy(req);
+    let mut lines: Vec<&str> = text
+        .split("\r\n")
+        .filter(|l| !l.to_ascii_lowercase().starts_with("connection:"))
+        .collect();
+    lines.truncate(lines.len().saturating_sub(2));
+    (lines.join("\r\n") + "\r\nConnection: close\r\n\r\n").into_bytes()
+}
+
+/// `build-update keygen` into `dir` as `<name>.key` / `<name>.pub`.
+pub fn keygen(dir: &Dir, name: &str) {
+    let (sk, pk) = (format!("{name}.key"), format!("{name}.pub"));
+    let o = run(cmd(BUILD_UPDATE).current_dir(dir.path()).args([
+        "keygen",
+        "--secret-key",
+        &sk,
+        "--public-key",
+        &pk,
+    ]));
+    assert!(o.status.success(), "keygen failed: {}", stderr(&o));
 }

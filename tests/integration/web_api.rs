@@ -731,14 +731,7 @@ fn an_uploaded_image_is_installed_and_confirmed_when_serve_restarts() {
 #[test]
 fn a_signed_box_takes_an_upload_only_with_its_signature() {
     let d = Dir::new();
-    let o = run(cmd(BUILD_UPDATE).current_dir(d.path()).args([
-        "keygen",
-        "--secret-key",
-        "k.key",
-        "--public-key",
-        "k.pub",
-    ]));
-    assert!(o.status.success(), "{}", stderr(&o));
+    keygen(&d, "k");
     let img = image(&d, "s1", V1, &["--sign-key", "k.key"]);
     let bytes = std::fs::read(&img).unwrap();
     let sig = sh(d.path(), &format!("base64 -w0 '{}.minisig'", img.display()));
