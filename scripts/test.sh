@@ -11,7 +11,9 @@ for pair in minisign:minisign shellcheck:shellcheck bunzip2:bzip2 wget:wget curl
     setpriv:util-linux node:nodejs npm:npm; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need_apt+=("${pair#*:}")
 done
+command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf)
 [ -d /usr/aarch64-linux-gnu/lib ] || need_apt+=(libc6-dev-arm64-cross)
+[ -d /usr/arm-linux-gnueabihf/lib ] || need_apt+=(libc6-dev-armhf-cross)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "test.sh: installing ${need_apt[*]}" >&2
     SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
@@ -26,8 +28,8 @@ fi
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
 cargo fmt --check
 cargo clippy --all-targets --all-features --quiet -- -D warnings
-# The end-to-end update on a Pi runs this ARM build under qemu-user-static.
-bash scripts/build-pi.sh --debug --bin box-updater aarch64
+# The end-to-end updates on a Pi run these ARM builds under qemu-user-static.
+bash scripts/build-pi.sh --debug --bin box-updater aarch64 armv7
 if [ "${FUZZ_SECONDS:-15}" != 0 ]; then
     bash scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
 fi

@@ -158,7 +158,8 @@ fn send_file(stream: &TcpStream, file: &File, offset: u64, len: u64) -> io::Resu
     let mut sent = 0u64;
     while sent < len {
         let chunk = (len - sent).min(1 << 30) as usize;
-        match nix::sys::sendfile::sendfile(stream, file, Some(&mut off), chunk) {
+        // sendfile64: the 64-bit offset also on 32-bit ARM, where images may pass 2 GiB.
+        match nix::sys::sendfile::sendfile64(stream, file, Some(&mut off), chunk) {
             Ok(0) => {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,

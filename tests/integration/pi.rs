@@ -1,5 +1,5 @@
-//! The ARM box-updater (built for Raspberry Pi OS, aarch64) under qemu-user-static, updating a
-//! sandboxed box from the native update-server: the end-to-end update as it runs on a Pi.
+//! The ARM box-updater (built for 64-bit and 32-bit Raspberry Pi OS) under qemu-user-static,
+//! updating a sandboxed box from the native update-server: the end-to-end update as on a Pi.
 
 use std::path::PathBuf;
 
@@ -8,31 +8,45 @@ use crate::util::*;
 const V1: u64 = 1_700_000_001;
 const V2: u64 = 1_700_000_002;
 
-fn arm_runner() -> Vec<String> {
-    let bin = std::env::var("OPQ_PI_BOX_UPDATER")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("target/aarch64-unknown-linux-gnu/debug/box-updater")
-        });
-    let qemu = PathBuf::from("/usr/bin/qemu-aarch64-static");
+/// qemu and the ARM box-updater for `triple` (64-bit or 32-bit Raspberry Pi OS).
+fn arm_runner(triple: &str) -> Vec<String> {
+    let (qemu, sysroot) = match triple {
+        "aarch64-unknown-linux-gnu" => ("/usr/bin/qemu-aarch64-static", "/usr/aarch64-linux-gnu"),
+        _ => ("/usr/bin/qemu-arm-static", "/usr/arm-linux-gnueabihf"),
+    };
+    let bin = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join(format!("target/{triple}/debug/box-updater"));
+    let arch = if triple.starts_with("aarch64") {
+        "aarch64"
+    } else {
+        "armv7"
+    };
     assert!(
-        bin.is_file() && qemu.is_file(),
-        "the ARM box-updater ({}) or qemu-user-static is missing: run scripts/test.sh, which builds \
-         it with scripts/build-pi.sh --debug --bin box-updater aarch64",
+        bin.is_file() && std::path::Path::new(qemu).is_file(),
+        "the ARM box-updater ({}) or {qemu} is missing: run scripts/test.sh, which builds it with \
+         scripts/build-pi.sh --debug --bin box-updater {arch}",
         bin.display()
     );
     vec![
-        qemu.display().to_string(),
+        qemu.to_string(),
         "-L".into(),
-        "/usr/aarch64-linux-gnu".into(),
+        sysroot.into(),
         bin.display().to_string(),
     ]
 }
 
 #[test]
-fn the_arm_box_updater_updates_a_box_under_qemu() {
-    let runner = arm_runner();
+fn the_64_bit_arm_box_updater_updates_a_box_under_qemu() {
+    update_under_qemu("aarch64-unknown-linux-gnu");
+}
+
+#[test]
+fn the_32_bit_arm_box_updater_updates_a_box_under_qemu() {
+    update_under_qemu("armv7-unknown-linux-gnueabihf");
+}
+
+fn update_under_qemu(triple: &str) {
+    let runner = arm_runner(triple);
     let d = Dir::new();
     keygen(&d, "k");
     let updates = d.mkdir("updates");
