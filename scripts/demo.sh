@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost RUST_LOG=${RUST_LOG:-warn}
+if ! command -v curl >/dev/null; then
+    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl >/dev/null
+fi
 cargo build --quiet --bins
 bin=target/debug
 work=$(mktemp -d /tmp/opq-demo.XXXXXX)

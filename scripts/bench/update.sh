@@ -15,7 +15,7 @@ trap 'kill $server 2>/dev/null || true' EXIT
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/version" >/dev/null && break; sleep 0.05; done
 
 best_ours=999999; best_old=999999; rss_ours=0; rss_old=0
-for i in 1 2 3; do
+for _ in 1 2 3; do
     rm -rf "$w/box" "$w/old"; mkdir -p "$w/box/root" "$w/old"
     echo "{\"updates_ep\": \"http://127.0.0.1:$port\"}" >"$w/box/config.json"
     sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true
