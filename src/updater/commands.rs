@@ -31,20 +31,12 @@ pub fn status_json(engine: &Engine) -> serde_json::Value {
             "message".into(),
             json!(format!(
                 "interrupted while {}: {}",
-                step_word(s.state),
+                s.state.words(),
                 s.message
             )),
         );
     }
     v
-}
-
-fn step_word(s: Step) -> String {
-    serde_json::to_value(s)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-        .replace('_', " ")
 }
 
 /// The exit code and the one line to print for an update's final status.

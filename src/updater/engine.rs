@@ -95,13 +95,6 @@ pub enum RunError {
     Busy(#[from] LockError),
 }
 
-fn step_name(step: Step) -> String {
-    serde_json::to_value(step)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 impl Engine {
     pub fn new(mut settings: Settings) -> Result<Self> {
         let layout = &settings.layout;
@@ -207,7 +200,7 @@ impl Engine {
             if !message.is_empty() && step != Step::Failed {
                 self.log.info(&message);
             }
-            crate::updater::fault::point(&format!("before:{}", step_name(step)));
+            crate::updater::fault::point(&format!("before:{}", step.name()));
             let (next, transition) = state.handle(self);
             state = next;
             if transition == Transition::Stop {

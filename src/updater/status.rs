@@ -34,6 +34,48 @@ pub enum Step {
 }
 
 impl Step {
+    pub const ALL: [Step; 14] = [
+        Step::Idle,
+        Step::Checking,
+        Step::Downloading,
+        Step::Verifying,
+        Step::Unpacking,
+        Step::Installing,
+        Step::Switching,
+        Step::Rebooting,
+        Step::Confirming,
+        Step::RollingBack,
+        Step::UpToDate,
+        Step::Committed,
+        Step::RolledBack,
+        Step::Failed,
+    ];
+
+    /// The step's name as the status JSON spells it (`rolling_back`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Idle => "idle",
+            Step::Checking => "checking",
+            Step::Downloading => "downloading",
+            Step::Verifying => "verifying",
+            Step::Unpacking => "unpacking",
+            Step::Installing => "installing",
+            Step::Switching => "switching",
+            Step::Rebooting => "rebooting",
+            Step::Confirming => "confirming",
+            Step::RollingBack => "rolling_back",
+            Step::UpToDate => "up_to_date",
+            Step::Committed => "committed",
+            Step::RolledBack => "rolled_back",
+            Step::Failed => "failed",
+        }
+    }
+
+    /// The name as words, for messages (`rolling back`).
+    pub fn words(self) -> String {
+        self.name().replace('_', " ")
+    }
+
     /// Whether an update is under way (the lock is what really says so).
     pub fn is_running(self) -> bool {
         !matches!(
@@ -144,6 +186,18 @@ impl StatusStore {
             if let Err(e) = write_atomic(&self.path, &json, 0o644) {
                 log::error!("cannot write status {}: {e}", self.path.display());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Step;
+
+    #[test]
+    fn step_names_are_the_json_names() {
+        for step in Step::ALL {
+            assert_eq!(serde_json::to_value(step).unwrap(), step.name());
         }
     }
 }

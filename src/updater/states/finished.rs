@@ -41,18 +41,12 @@ pub struct Failed {
 }
 
 impl Failed {
-    pub fn step_name(&self) -> &'static str {
-        match self.step {
-            Step::Checking => "checking",
-            Step::Downloading => "downloading",
-            Step::Verifying => "verifying",
-            Step::Unpacking => "unpacking",
-            Step::Installing => "installing",
-            Step::Switching => "switching",
-            Step::Rebooting => "rebooting",
-            Step::Confirming => "confirming",
-            Step::RollingBack => "rolling back",
-            _ => "updating",
+    /// The step that failed, as words for the message.
+    pub fn step_name(&self) -> String {
+        if self.step.is_running() {
+            self.step.words()
+        } else {
+            "updating".into()
         }
     }
 
