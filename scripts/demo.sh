@@ -11,16 +11,9 @@ if ! command -v curl >/dev/null; then
 fi
 cargo build --quiet --bins
 bin=target/debug
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 work=$(mktemp -d /tmp/opq-demo.XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_http() { for _ in $(seq 200); do curl -sf -o /dev/null "$1" && return 0; sleep 0.05; done; echo "demo: $1 never answered" >&2; exit 1; }
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "1. a signing key and two images (the box runs the first, the server offers the second)"

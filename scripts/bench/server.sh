@@ -34,14 +34,9 @@ echo "server.sh: building update-server (release)" >&2
 cargo build --release --quiet --bin update-server
 server_bin=${CARGO_TARGET_DIR:-target}/release/update-server
 
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 work=$(mktemp -d /tmp/opq-bench-server.XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
 # nginx's workers drop root privileges: everything they read must be world-readable.
 chmod 755 "$work"
 mkdir -m 755 "$work/updates" "$work/nginx"
@@ -51,22 +46,6 @@ head -c $((mib << 20)) /dev/urandom >"$work/updates/$image"
 (cd "$work/updates" && sha256sum "$image" >"$image.sha256")
 printf '%s' "$version" >"$work/updates/version"
 chmod 644 "$work/updates"/*
-
-free_port() { # a port nothing answers on
-    local p
-    while :; do
-        p=$((20000 + RANDOM % 40000))
-        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
-    done
-}
-wait_port() {
-    for _ in $(seq 200); do
-        curl -s -o /dev/null "http://127.0.0.1:$1/version" && return 0
-        sleep 0.05
-    done
-    echo "server.sh: nothing answers on port $1" >&2
-    exit 1
-}
 
 RUST_LOG=info "$server_bin" --dir "$work/updates" --bind 127.0.0.1 --port 0 2>"$work/ours.log" &
 ours_pid=$!
@@ -109,8 +88,8 @@ EOF
 nginx_pid=$!
 pids+=("$nginx_pid")
 
-wait_port "$ours_port"
-wait_port "$nginx_port"
+wait_http "http://127.0.0.1:$ours_port/version"
+wait_http "http://127.0.0.1:$nginx_port/version"
 
 load0=$(cut -d' ' -f1 /proc/loadavg)
 # Both read the image from the page cache.

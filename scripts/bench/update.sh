@@ -8,11 +8,12 @@ mkdir -p "$w/updates"
 bash "$(dirname "$0")/payload.sh" "$BENCH_WORK/build/payload"
 "$BIN/build-update" --out "$w/updates" --version 1700000000 "$BENCH_WORK/build/payload" >/dev/null 2>&1
 img_size=$(stat -c %s "$w"/updates/*.tar.bz2)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+# shellcheck source=scripts/lib.sh
+. "$(dirname "$0")/../lib.sh"
+port=$(free_port)
 RUST_LOG=warn "$BIN/update-server" --dir "$w/updates" --bind 127.0.0.1 --port "$port" &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/version" >/dev/null && break; sleep 0.05; done
+pids+=($!)
+wait_http "http://127.0.0.1:$port/version"
 
 best_ours=999999; best_old=999999; rss_ours=0; rss_old=0
 for _ in 1 2 3; do

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::util::*;
-use crate::web_api::{get, start_serve, tamper_image};
+use crate::web_api::{start_serve, tamper_image};
 
 const V_OLD: u64 = 1_700_000_201;
 const V_NEW: u64 = 1_700_000_202;
@@ -117,17 +117,6 @@ fn publish(image: &Path, updates: &Path) {
     }
 }
 
-fn wait_listed(server: &Running, version: u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while get(server.port, "/version").text().trim() != version.to_string() {
-        assert!(
-            Instant::now() < deadline,
-            "the server never listed {version}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// What the browser script printed so far, for failure messages.
 fn script_output(artifacts: &Path) -> String {
     ["update_flow.log", "update_flow.err"]
@@ -180,7 +169,7 @@ fn the_owner_updates_the_box_from_the_page_in_chromium() {
         &[],
     );
     publish(&old, &updates);
-    wait_listed(&server, V_OLD);
+    wait_listed(server.port, V_OLD);
     let b = BoxUnderTest::new(&d, "box", &format!("http://127.0.0.1:{}", link.port));
     for step in ["update", "confirm"] {
         let o = b.run(&[step]);
@@ -212,7 +201,7 @@ fn the_owner_updates_the_box_from_the_page_in_chromium() {
         &["--install-script", slow.to_str().unwrap()],
     );
     publish(&new, &updates);
-    wait_listed(&server, V_NEW);
+    wait_listed(server.port, V_NEW);
     std::fs::remove_file(d.join("payload/box-config-daemon/calibration.bin")).unwrap();
 
     let failing = d.write(
@@ -273,7 +262,7 @@ fn the_owner_updates_the_box_from_the_page_in_chromium() {
     // it comes back and, at start, confirms V_NEW.
     drop(web.take());
     publish(&fail, &updates);
-    wait_listed(&server, V_FAIL);
+    wait_listed(server.port, V_FAIL);
     std::fs::write(control.join("down"), "").unwrap();
     wait_for_signal(&control, "seen-down", &mut node, &artifacts);
     web = Some(start_serve(&b, port, &["--token", TOKEN]));

@@ -51,11 +51,7 @@ fn new_box(s: &Setup, name: &str) -> BoxUnderTest {
     let b = BoxUnderTest::new(&s.dir, name, &v1.url(""));
     assert!(b.run(&["update"]).status.success());
     assert!(b.run(&["confirm"]).status.success());
-    std::fs::write(
-        &b.config,
-        format!("{{\"updates_ep\": \"{}\"}}\n", s.server.url("")),
-    )
-    .unwrap();
+    b.point_at(&s.server.url(""));
     b
 }
 
@@ -197,18 +193,10 @@ fn a_disk_filling_up_during_download_fails_cleanly() {
         panic!("mounting a tmpfs failed although running as root");
     };
     let v1 = start_update_server(&s.dir.join("v1"));
-    std::fs::write(
-        &b.config,
-        format!("{{\"updates_ep\": \"{}\"}}\n", v1.url("")),
-    )
-    .unwrap();
+    b.point_at(&v1.url(""));
     assert!(b.run(&["update"]).status.success());
     assert!(b.run(&["confirm"]).status.success());
-    std::fs::write(
-        &b.config,
-        format!("{{\"updates_ep\": \"{}\"}}\n", s.server.url("")),
-    )
-    .unwrap();
+    b.point_at(&s.server.url(""));
     // The download is killed halfway (a .part is left), the disk fills up, and the next run
     // can't write the rest.
     let o = run(b

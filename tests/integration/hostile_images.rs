@@ -3,7 +3,6 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -123,22 +122,6 @@ fn publish_raw(updates: &Path, version: u64, image: &[u8], sidecar: Option<Strin
     std::fs::rename(updates.join(format!(".{name}.tmp")), updates.join(&name)).unwrap();
 }
 
-fn wait_version(port: u16, version: u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let o = std::process::Command::new("wget")
-            .args(["-qO-", &format!("http://127.0.0.1:{port}/version")])
-            .env("no_proxy", "*")
-            .output()
-            .unwrap();
-        if String::from_utf8_lossy(&o.stdout).trim() == version.to_string() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "server never listed {version}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Everything under the box root but the updater's own state and log.
 fn box_files(root: &Path) -> Vec<String> {
     tree(root)
@@ -159,7 +142,7 @@ fn refuse_all(cases: Vec<Case>, key_args: &[&str], d: &Dir, canaries: &[PathBuf]
     };
     build_image(d, &staging, V1, &["payload/box-config-daemon"], &extra);
     publish_dir(&staging, &updates);
-    wait_version(server.port, V1);
+    wait_listed(server.port, V1);
     let b = BoxUnderTest::new(d, "box", &server.url(""));
     let run = |args: &[&str]| {
         let mut all = args.to_vec();
@@ -175,7 +158,7 @@ fn refuse_all(cases: Vec<Case>, key_args: &[&str], d: &Dir, canaries: &[PathBuf]
             let _ = std::fs::remove_file(updates.join(format!("opq-box-update-{V2}.tar.bz2{ext}")));
         }
         publish_raw(&updates, V2, &case.image, case.sidecar);
-        wait_version(server.port, V2);
+        wait_listed(server.port, V2);
         let o = run(&["update"]);
         let err = stderr(&o);
         assert_eq!(
@@ -435,7 +418,7 @@ fn unsigned_wrongly_signed_and_moved_signatures_are_refused() {
         &["--sign-key", "k.key"],
     );
     publish_dir(&s1, &updates);
-    wait_version(server.port, V1);
+    wait_listed(server.port, V1);
     let b = BoxUnderTest::new(&d, "box", &server.url(""));
     let with_key = |args: &[&str]| {
         let mut all = args.to_vec();
@@ -477,7 +460,7 @@ fn unsigned_wrongly_signed_and_moved_signatures_are_refused() {
             .unwrap();
         }
         publish_raw(&updates, V2, &std::fs::read(&image).unwrap(), None);
-        wait_version(server.port, V2);
+        wait_listed(server.port, V2);
         let o = with_key(&["update"]);
         let err = stderr(&o);
         assert_eq!(o.status.code(), Some(1), "{name}: must be refused: {err}");

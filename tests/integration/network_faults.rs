@@ -207,14 +207,6 @@ fn setup() -> (Setup, BoxUnderTest) {
     )
 }
 
-fn point_box_at(b: &BoxUnderTest, port: u16) {
-    std::fs::write(
-        &b.config,
-        format!("{{\"updates_ep\": \"http://127.0.0.1:{port}\"}}\n"),
-    )
-    .unwrap();
-}
-
 /// Runs `update` and returns (exit code, stderr, seconds taken); the run must end in time.
 fn update(b: &BoxUnderTest, extra: &[&str]) -> (Option<i32>, String, f64) {
     let t = Instant::now();
@@ -247,7 +239,7 @@ fn connection_refused_is_a_clear_bounded_failure() {
         .local_addr()
         .unwrap()
         .port();
-    point_box_at(&b, dead);
+    b.point_at(&format!("http://127.0.0.1:{}", dead));
     let (code, err, secs) = update(&b, &["--retries", "2"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("cannot reach"), "{err}");
@@ -259,7 +251,7 @@ fn connection_refused_is_a_clear_bounded_failure() {
 fn reset_mid_body_is_retried_and_resumed() {
     let (s, b) = setup();
     let p = Proxy::start(s.server.port, Fault::ResetMidBody, None);
-    point_box_at(&b, p.port);
+    b.point_at(&format!("http://127.0.0.1:{}", p.port));
     let (code, err, _) = update(&b, &[]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(b.current_version(), Some(V2));
@@ -276,7 +268,7 @@ fn reset_mid_body_is_retried_and_resumed() {
 fn a_stall_longer_than_the_read_timeout_is_cut_and_resumed() {
     let (s, b) = setup();
     let p = Proxy::start(s.server.port, Fault::StallMidBody, None);
-    point_box_at(&b, p.port);
+    b.point_at(&format!("http://127.0.0.1:{}", p.port));
     let (code, err, secs) = update(&b, &[]);
     assert_eq!(code, Some(0), "{err}");
     assert!(
@@ -291,11 +283,11 @@ fn a_server_that_ignores_range_restarts_from_zero() {
     let (s, b) = setup();
     // First run: cut, leaving a .part; second run through a proxy that ignores Range.
     let cut = Proxy::start(s.server.port, Fault::ResetMidBody, None);
-    point_box_at(&b, cut.port);
+    b.point_at(&format!("http://127.0.0.1:{}", cut.port));
     let (code, _, _) = update(&b, &["--retries", "0"]);
     assert_eq!(code, Some(1));
     let p = Proxy::start(s.server.port, Fault::IgnoreRange, None);
-    point_box_at(&b, p.port);
+    b.point_at(&format!("http://127.0.0.1:{}", p.port));
     let (code, err, _) = update(&b, &[]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(b.current_version(), Some(V2));
@@ -308,12 +300,12 @@ fn a_server_that_ignores_range_restarts_from_zero() {
 fn a_different_file_on_resume_is_never_spliced() {
     let (s, b) = setup();
     let cut = Proxy::start(s.server.port, Fault::ResetMidBody, None);
-    point_box_at(&b, cut.port);
+    b.point_at(&format!("http://127.0.0.1:{}", cut.port));
     assert_eq!(update(&b, &["--retries", "0"]).0, Some(1));
     let mut other = s.v2_image.clone();
     other.reverse();
     let p = Proxy::start(s.server.port, Fault::OtherFileOnResume, Some(other));
-    point_box_at(&b, p.port);
+    b.point_at(&format!("http://127.0.0.1:{}", p.port));
     let (code, err, _) = update(&b, &["--retries", "3"]);
     // Either the restart from zero gets the real file, or the update fails: never a mix.
     if code == Some(0) {
@@ -334,7 +326,7 @@ fn not_found_and_server_errors_fail_cleanly() {
     for fault in [Fault::Status404, Fault::Status500] {
         let (s, b) = setup();
         let p = Proxy::start(s.server.port, fault, None);
-        point_box_at(&b, p.port);
+        b.point_at(&format!("http://127.0.0.1:{}", p.port));
         let (code, err, secs) = update(&b, &["--retries", "2"]);
         assert_eq!(code, Some(1), "{fault:?}: {err}");
         assert!(
@@ -354,7 +346,7 @@ fn not_found_and_server_errors_fail_cleanly() {
 fn a_redirect_to_a_dead_host_fails_cleanly() {
     let (s, b) = setup();
     let p = Proxy::start(s.server.port, Fault::RedirectElsewhere, None);
-    point_box_at(&b, p.port);
+    b.point_at(&format!("http://127.0.0.1:{}", p.port));
     let (code, err, secs) = update(&b, &["--retries", "1"]);
     assert_eq!(code, Some(1), "{err}");
     assert!(err.contains("cannot reach"), "{err}");
@@ -366,7 +358,7 @@ fn a_redirect_to_a_dead_host_fails_cleanly() {
 fn a_body_longer_than_its_content_length_is_cut_at_the_length() {
     let (s, b) = setup();
     let p = Proxy::start(s.server.port, Fault::LongerThanLength, None);
-    point_box_at(&b, p.port);
+    b.point_at(&format!("http://127.0.0.1:{}", p.port));
     let (code, err, _) = update(&b, &[]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(b.current_version(), Some(V2));
@@ -377,7 +369,7 @@ fn a_body_longer_than_its_content_length_is_cut_at_the_length() {
 fn relaying_untouched_works() {
     let (s, b) = setup();
     let p = Proxy::start(s.server.port, Fault::Pass, None);
-    point_box_at(&b, p.port);
+    b.point_at(&format!("http://127.0.0.1:{}", p.port));
     assert_eq!(update(&b, &[]).0, Some(0));
     assert_eq!(b.current_version(), Some(V2));
 }

@@ -1,8 +1,6 @@
 //! Scale-out: update-server with `--public-base-url` keeps only the index endpoints and sends the
 //! image bytes to nginx (Debian's), as it would to a CDN or an S3-compatible store.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::process::{Command, Stdio};
 
 use crate::util::*;
@@ -83,23 +81,6 @@ fn start_nginx_with(
     }
 }
 
-fn raw_get(port: u16, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).unwrap();
-    let status = buf
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, buf)
-}
-
 fn location(resp: &str) -> Option<String> {
     resp.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
@@ -122,25 +103,22 @@ fn images_are_served_by_nginx_while_update_server_keeps_the_index() {
     let server = start_update_server_with(&updates, &["--public-base-url", &url]);
     let port = server.port;
 
-    assert_eq!(
-        raw_get(port, "/version").1.rsplit("\r\n").next().unwrap(),
-        V1.to_string()
-    );
-    let (status, resp) = raw_get(port, "/latest");
+    assert_eq!(http_get(port, "/version").2, V1.to_string());
+    let (status, resp, _) = http_get(port, "/latest");
     assert_eq!(status, 303);
     assert_eq!(
         location(&resp).as_deref(),
         Some(format!("{base}/{name}").as_str())
     );
-    let (status, resp) = raw_get(port, &format!("/update/{name}.sha256"));
+    let (status, resp, _) = http_get(port, &format!("/update/{name}.sha256"));
     assert_eq!(status, 302);
     assert_eq!(
         location(&resp).as_deref(),
         Some(format!("{base}/{name}.sha256").as_str())
     );
     // Names outside the index are still 404 here, never redirected.
-    assert_eq!(raw_get(port, "/update/secret.txt").0, 404);
-    assert_eq!(raw_get(port, "/update/..%2fetc%2fpasswd").0, 404);
+    assert_eq!(http_get(port, "/update/secret.txt").0, 404);
+    assert_eq!(http_get(port, "/update/..%2fetc%2fpasswd").0, 404);
 
     // An old box: wget follows /latest to nginx and saves the image.
     let got = d.join("wget.tar.bz2");

@@ -281,6 +281,11 @@ impl BoxUnderTest {
         c
     }
 
+    /// Rewrites the box config so that `updates_ep` names `url`.
+    pub fn point_at(&self, url: &str) {
+        std::fs::write(&self.config, format!("{{\"updates_ep\": \"{url}\"}}\n")).unwrap();
+    }
+
     pub fn run(&self, args: &[&str]) -> Output {
         run(&mut self.cmd(args))
     }
@@ -387,4 +392,37 @@ pub fn keygen(dir: &Dir, name: &str) {
         &pk,
     ]));
     assert!(o.status.success(), "keygen failed: {}", stderr(&o));
+}
+
+/// A one-shot `GET` over loopback: (status, head, body); status 0 when the answer is not HTTP.
+pub fn http_get(port: u16, path: &str) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
+}
+
+/// Waits until the update-server on `port` names `version` as its newest.
+pub fn wait_listed(port: u16, version: u64) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while http_get(port, "/version").2.trim() != version.to_string() {
+        assert!(
+            Instant::now() < deadline,
+            "the server never listed {version}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

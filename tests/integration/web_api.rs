@@ -260,17 +260,6 @@ fn publish(image: &Path, updates: &Path) {
     }
 }
 
-fn wait_listed(server: &Running, version: u64) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while get(server.port, "/version").text().trim() != version.to_string() {
-        assert!(
-            Instant::now() < deadline,
-            "the server never listed {version}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// A box whose config names a server on a port where nothing listens: for tests that must not
 /// reach any update server.
 fn offline_box(d: &Dir) -> BoxUnderTest {
@@ -283,7 +272,7 @@ fn every_endpoint_answers() {
     let updates = d.mkdir("updates");
     let server = start_update_server(&updates);
     publish(&image(&d, "s1", V1, &[]), &updates);
-    wait_listed(&server, V1);
+    wait_listed(server.port, V1);
     let b = BoxUnderTest::new(&d, "box", &server.url(""));
     let web = start_serve(&b, free_port(), &[]);
     let port = web.port;
@@ -374,7 +363,7 @@ fn an_update_gives_202_then_409_while_it_runs_and_is_confirmed_when_serve_restar
         ),
         &updates,
     );
-    wait_listed(&server, V1);
+    wait_listed(server.port, V1);
     let b = BoxUnderTest::new(&d, "box", &server.url(""));
     let port = free_port();
     let web = start_serve(&b, port, &[]);
