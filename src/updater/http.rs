@@ -246,11 +246,7 @@ impl Http {
                 t as f64 * 3.0 / 1048576.0
             )));
         }
-        let new_meta = PartMeta {
-            url: url.to_string(),
-            etag,
-            total,
-        };
+        let new_meta = PartMeta { etag, total };
         let _ = std::fs::write(
             &meta_path,
             serde_json::to_vec(&new_meta).unwrap_or_default(),
@@ -324,7 +320,6 @@ impl Write for HashSink<'_> {
 /// What we know of a `.part` file: where it came from and which version of the file it was.
 #[derive(Debug, Serialize, Deserialize)]
 struct PartMeta {
-    url: String,
     etag: Option<String>,
     total: Option<u64>,
 }
