@@ -317,7 +317,7 @@ impl Write for HashSink<'_> {
     }
 }
 
-/// What we know of a `.part` file: where it came from and which version of the file it was.
+/// What we know of a `.part` file: which version of the file it was (ETag) and its full length.
 #[derive(Debug, Serialize, Deserialize)]
 struct PartMeta {
     etag: Option<String>,
