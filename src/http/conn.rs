@@ -216,7 +216,10 @@ pub fn serve_connection(
         let t0 = Instant::now();
         let (head, after) = buf[..filled].split_at(head_len);
         let req = match parse_head(head) {
-            Ok(r) => r,
+            Ok(mut r) => {
+                r.peer = Some(peer);
+                r
+            }
             Err(HeadError::Version) => {
                 refuse(
                     stream,

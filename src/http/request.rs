@@ -39,6 +39,9 @@ pub struct Request<'a> {
     pub framing: Framing,
     /// `Expect: 100-continue`: the client waits for a go-ahead before it sends the body.
     pub expect_continue: bool,
+    /// The client's address, set by the connection that read the request (none when a head is
+    /// parsed on its own).
+    pub peer: Option<std::net::SocketAddr>,
     headers: [(&'a str, &'a str); MAX_HEADERS],
     count: usize,
 }
@@ -160,6 +163,7 @@ pub fn parse_head(head: &[u8]) -> Result<Request<'_>, HeadError> {
         keep_alive: false,
         framing: Framing::None,
         expect_continue: false,
+        peer: None,
         headers: [("", ""); MAX_HEADERS],
         count: 0,
     };
