@@ -69,6 +69,8 @@ pub fn confirm(engine: &Engine) -> (i32, String) {
         {
             (EXIT_OK, "nothing to confirm".into())
         }
+        // Not healthy at this boot: the box reboots to confirm again.
+        Ok(s) if s.state == Step::Rebooting => (EXIT_FAILED, s.message),
         Ok(s) => outcome(&s),
         Err(e) => busy(e),
     }

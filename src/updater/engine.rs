@@ -16,7 +16,7 @@ use crate::updater::layout::Layout;
 use crate::updater::lock::{LockError, UpdateLock};
 use crate::updater::log::UpdateLog;
 use crate::updater::states::{State, Transition};
-use crate::updater::status::{Outcome, Status, StatusStore, Step};
+use crate::updater::status::{Outcome, Pending, Status, StatusStore, Step};
 
 #[derive(Clone)]
 pub struct Settings {
@@ -27,7 +27,10 @@ pub struct Settings {
     pub reboot_command: Option<String>,
     pub health_check: Option<String>,
     pub install_timeout: Duration,
+    /// The time a new release has after a boot to come up healthy.
     pub health_timeout: Duration,
+    /// How long a release's unit must stay up, without a restart, to count as up.
+    pub settle: Duration,
     /// Boots without a confirmation after which the new release is rolled back.
     pub max_boots: u32,
     /// The most an image may expand to, whatever the free space.
@@ -52,6 +55,7 @@ impl Settings {
             health_check: None,
             install_timeout: Duration::from_secs(600),
             health_timeout: Duration::from_secs(120),
+            settle: Duration::from_secs(5),
             max_boots: 3,
             max_expanded: 4 << 30,
             reserve: 32 << 20,
@@ -168,13 +172,24 @@ impl Engine {
         Ok(self.drive(first))
     }
 
-    /// After a boot: confirms a switched release, or rolls it back. Nothing pending: no-op.
+    /// After a boot: confirms a switched release, or rolls it back. A release that was never
+    /// confirmed (installed by the old shell updater, or before confirmations were recorded) is
+    /// checked the same way, with nothing to roll back to. Otherwise: no-op.
     pub fn confirm(&self) -> Result<Status, RunError> {
         let _lock = self.lock_for_run()?;
         self.clean_leftovers();
-        match self.status.get().pending {
-            Some(p) => Ok(self.drive(State::confirming(p))),
-            None => Ok(self.status.get()),
+        let status = self.status.get();
+        match (status.pending, self.layout().current()) {
+            (Some(p), _) => Ok(self.drive(State::confirming(p))),
+            (None, Some(current)) if status.confirmed != Some(current.version()) => {
+                Ok(self.drive(State::confirming(Pending {
+                    new: current.version(),
+                    previous: None,
+                    boots: 0,
+                    switched_at: 0,
+                })))
+            }
+            (None, _) => Ok(status),
         }
     }
 

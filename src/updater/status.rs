@@ -116,6 +116,9 @@ pub struct Status {
     pub updated_at: u64,
     #[serde(default)]
     pub pending: Option<Pending>,
+    /// The last release confirmed healthy (the one a rollback returns to).
+    #[serde(default)]
+    pub confirmed: Option<Version>,
     #[serde(default)]
     pub last_result: Option<Outcome>,
     #[serde(default)]

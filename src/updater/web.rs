@@ -57,9 +57,15 @@ struct Web {
     token: Option<String>,
 }
 
-/// Runs the confirm step of a pending update, then serves until the process is stopped.
+/// Runs the confirm step of a pending update (unless the guard does it at boot), then serves
+/// until the process is stopped.
 pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
-    if engine.status.get().pending.is_some() {
+    if engine.status.get().pending.is_some() && crate::updater::guard::installed(engine.layout()) {
+        log::info!(
+            "the pending update is confirmed by {}, not here",
+            crate::updater::guard::UNIT
+        );
+    } else if engine.status.get().pending.is_some() {
         match engine.confirm() {
             Ok(s) => log::info!("confirm at start: {}", s.message),
             Err(e) => log::warn!("confirm at start skipped: {e}"),
@@ -144,6 +150,7 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
     let server = http::Server::new(listener, config, stop, move |req, body| {
         web.respond(req, body)
     })?;
+    crate::updater::systemd::notify_ready();
     server.run();
     Ok(())
 }

@@ -272,10 +272,28 @@ fn a_failing_health_check_after_the_reboot_rolls_back() {
     f.wait_listed(V2);
     ok(&b.run(&["update"]));
     assert_eq!(b.current_version(), Some(V2));
-    let o = b.run(&["confirm", "--health-check", "echo service down; exit 1"]);
+    // Greenboot's way: a boot that is not healthy reboots to try again while boots are left...
+    let failing = [
+        "--max-boots",
+        "2",
+        "--health-check",
+        "echo service down; exit 1",
+    ];
+    let o = b.run(&[&["confirm"][..], &failing].concat());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("boot 1 of 2") && stderr(&o).contains("try again"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(b.current_version(), Some(V2));
+    assert_eq!(b.reboot_count(), 3, "installed, updated, retried");
+    assert_eq!(b.status()["pending"]["boots"], 1);
+    // ... and the boot that uses the last one rolls back.
+    let o = b.run(&[&["confirm"][..], &failing].concat());
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(b.current_version(), Some(V1));
-    assert_eq!(b.reboot_count(), 3, "rolled back, then rebooted");
+    assert_eq!(b.reboot_count(), 4, "rolled back, then rebooted");
     let st = b.status();
     assert_eq!(st["state"], "rolled_back");
     assert!(

@@ -108,7 +108,11 @@ impl RollingBack {
         layout
             .switch_current(self.to)
             .context("switching opt/opq/current back")?;
-        engine.status.update(|s| s.pending = None);
+        // The release rolled back to ran well before (it was confirmed, or it was what ran).
+        engine.status.update(|s| {
+            s.pending = None;
+            s.confirmed = Some(self.to.version());
+        });
         engine
             .log
             .info(&format!("current -> {}", self.to.top_dir()));
