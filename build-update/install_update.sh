@@ -57,6 +57,8 @@ migrate_release() {
     if [ "$release_src" != "$(cd "$dest" 2>/dev/null && pwd -P || true)" ]; then
         rm -rf "$dest.partial"
         cp -a "$release_src" "$dest.partial"
+        # The old updater unpacked the image as its own user; the release belongs to root.
+        if [ "$(id -u)" -eq 0 ]; then chown -R 0:0 "$dest.partial"; fi
         rm -rf "$dest"
         mv "$dest.partial" "$dest"
     fi
@@ -122,11 +124,12 @@ install_guard() {
 replace_old_updater() {
     old="$root/usr/local/box-config-daemon/updater/updater.sh"
     [ -f "$old" ] && [ -x "$release_dir/box-updater/box-updater" ] || return 0
-    grep -q 'asks box-updater' "$old" 2>/dev/null && return 0
+    grep -q '^# This updater asks box-updater' "$old" 2>/dev/null && return 0
     cat >"$old.new" <<'SHIM'
 #!/bin/sh
-# The original Update Box button's updater, replaced when box-updater was installed: it asks
-# box-updater (port 8080) for the update, which installs only a verified, signed image,
+# This updater asks box-updater for the update.
+# The original Update Box button's updater was replaced by this when box-updater was installed:
+# box-updater (port 8080) does the update, which installs only a verified, signed image,
 # atomically, and rolls back a release that does not come up. It installs nothing itself and
 # never reboots: box-updater reboots the box when an update is installed.
 url=http://127.0.0.1:8080

@@ -523,3 +523,110 @@ fn kill_9_at_random_moments_never_leaves_a_broken_box() {
     );
     eprintln!("kills that landed after the switch: {reached_v2} of 24");
 }
+
+#[test]
+fn a_confirmed_release_becomes_the_guard_which_then_confirms_instead_of_serve() {
+    let f = Fleet::new();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("box-updater");
+    let publish = |version: u64| {
+        sample_payload(&f.dir, &format!("v{version}"));
+        let bu = f.dir.mkdir("payload/box-updater");
+        let bin = f.dir.write(
+            "payload/box-updater/box-updater",
+            format!("#!/bin/sh\necho updater of {version}\n"),
+        );
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::copy(
+            repo.join("box-updater-guard.service"),
+            bu.join("box-updater-guard.service"),
+        )
+        .unwrap();
+        let staging = f.dir.mkdir(&format!("staging-{version}"));
+        build_image(
+            &f.dir,
+            &staging,
+            version,
+            &["payload/box-config-daemon", "payload/box-updater"],
+            &[],
+        );
+        publish_dir(&staging, &f.updates);
+        f.wait_listed(version);
+    };
+    publish(V1);
+    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
+    ok(&b.run(&["update"]));
+    let guard = b.root.join("var/lib/box-updater/guard/box-updater");
+    assert!(!guard.exists(), "nothing is the guard before a confirmation");
+    ok(&b.run(&["confirm"]));
+    assert_eq!(
+        std::fs::read_to_string(&guard).unwrap(),
+        format!("#!/bin/sh\necho updater of {V1}\n")
+    );
+    let units = b.root.join("etc/systemd/system");
+    assert!(units.join("box-updater-guard.service").is_file());
+    assert_eq!(b.status()["confirmed"], V1);
+
+    // The next release is switched to, but not confirmed by serve: that is the guard's job.
+    publish(V2);
+    ok(&b.run(&["update"]));
+    assert_eq!(b.current_version(), Some(V2));
+    {
+        let port = free_port();
+        let _web = crate::web_api::start_serve(&b, port, &[]);
+        let st: serde_json::Value =
+            serde_json::from_str(&http_get(port, "/box_update/status").2).unwrap();
+        assert_eq!(st["pending"]["new"], V2, "{st}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&guard).unwrap(),
+        format!("#!/bin/sh\necho updater of {V1}\n"),
+        "the guard is still the confirmed release's"
+    );
+    // The guard's confirm makes the new release's updater the guard.
+    ok(&b.run(&["confirm"]));
+    assert_eq!(
+        std::fs::read_to_string(&guard).unwrap(),
+        format!("#!/bin/sh\necho updater of {V2}\n")
+    );
+    assert_eq!(b.status()["confirmed"], V2);
+}
+
+#[test]
+fn a_release_installed_without_box_updater_is_checked_and_adopted_by_confirm() {
+    let f = Fleet::new();
+    f.publish(V1, &[]);
+    f.wait_listed(V1);
+    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
+    ok(&b.run(&["update"]));
+    ok(&b.run(&["confirm"]));
+    // As if the old shell updater had put V2 in place: current switched, nothing recorded.
+    std::fs::rename(
+        b.root.join("opt/opq/releases").join(format!("opq-box-update-{V1}")),
+        b.root.join("opt/opq/releases").join(format!("opq-box-update-{V2}")),
+    )
+    .unwrap();
+    std::fs::remove_file(b.root.join("opt/opq/current")).unwrap();
+    std::os::unix::fs::symlink(
+        format!("releases/opq-box-update-{V2}"),
+        b.root.join("opt/opq/current"),
+    )
+    .unwrap();
+    // Not healthy: reported, and with nothing to roll back to, no reboot.
+    let reboots = b.reboot_count();
+    let o = b.run(&["confirm", "--health-check", "exit 1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no previous release"), "{}", stderr(&o));
+    assert_eq!(b.reboot_count(), reboots);
+    assert_eq!(b.current_version(), Some(V2));
+    // Healthy: adopted as the confirmed release.
+    ok(&b.run(&["confirm", "--health-check", "true"]));
+    let st = b.status();
+    assert_eq!(st["confirmed"], V2);
+    let msg = st["last_result"]["message"].as_str().unwrap();
+    assert!(msg.contains("installed without box-updater"), "{msg}");
+    // Confirmed: a later boot has nothing to check.
+    let history = b.status()["history"].as_array().unwrap().len();
+    ok(&b.run(&["confirm", "--health-check", "exit 1"]));
+    assert_eq!(b.status()["history"].as_array().unwrap().len(), history);
+}

@@ -87,7 +87,9 @@ in_root systemctl enable systemd-networkd.service box-config-daemon.service opq-
 in_root systemctl mask getty@tty1.service serial-getty@ttyS0.service serial-getty@ttyAMA0.service \
     systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service \
     fstrim.timer dpkg-db-backup.timer systemd-networkd-wait-online.service \
-    systemd-pstore.service >/dev/null 2>&1 || true
+    systemd-pstore.service getty-static.service getty.target systemd-binfmt.service \
+    proc-sys-fs-binfmt_misc.automount systemd-update-utmp.service systemd-update-utmp-runlevel.service \
+    systemd-rfkill.socket systemd-journal-flush.service >/dev/null 2>&1 || true
 in_root apt-get clean
 rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/*.bin "$root"/usr/share/doc/* "$root"/usr/share/man/* \
     "$root"/usr/share/locale/* "$root"/var/log/*.log
@@ -101,7 +103,7 @@ cp "${kernels[0]}" "$work/out/vmlinuz"
 cp "${initrds[0]}" "$work/out/initrd.img"
 rm -f "$root"/boot/initrd.img-*
 size_mib=$(( $(du -sm "$root" | cut -f1) + 384 ))
-mkfs.ext4 -q -F -L opqroot -d "$root" "$work/out/root.img" "${size_mib}M"
+mkfs.ext4 -q -F -L opqroot -d "$root" "$work/out/root.img" "${size_mib}M" >&2
 {
     echo "arch $arch"
     echo "mirror $mirror"
