@@ -33,8 +33,16 @@ bash scripts/build-pi.sh --debug --bin box-updater aarch64 armv7
 if [ "${FUZZ_SECONDS:-15}" != 0 ]; then
     bash scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
 fi
+status=0
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --all-targets --features fault-injection --no-fail-fast "$@"
+    cargo nextest run --all-targets --features fault-injection --no-fail-fast "$@" || status=$?
 else
-    cargo test --all-targets --features fault-injection --no-fail-fast "$@"
+    cargo test --all-targets --features fault-injection --no-fail-fast "$@" || status=$?
 fi
+# The box's story on a virtual box (qemu, systemd, real reboots); needs root for the test bed.
+if [ "$(id -u)" -eq 0 ]; then
+    bash scripts/system-test.sh || status=$?
+else
+    sudo -E bash scripts/system-test.sh || status=$?
+fi
+exit "$status"

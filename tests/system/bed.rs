@@ -355,7 +355,7 @@ impl Release {
         let guard = std::fs::read_to_string(repo.join("box-updater/box-updater-guard.service"))?;
         let fast = guard
             .replace("--max-boots 3", "--max-boots 2")
-            .replace("--health-timeout 180", "--health-timeout 90");
+            .replace("--health-timeout 180", "--health-timeout 150");
         if fast == guard {
             bail!("box-updater-guard.service no longer has --max-boots 3 --health-timeout 180");
         }
@@ -413,9 +413,15 @@ RestartSec=2
 WantedBy=multi-user.target
 ";
 
+// A unit is "active" as soon as its process started; the check waits for the service to answer
+// (the guard gives it what is left of --health-timeout).
 const HEALTH_CHECK: &str = "#!/bin/sh
 # The image's own health check: its sample service answers, from this very release.
-wget -q -O - http://127.0.0.1:8081/ | grep -q \"\\\"version\\\": \\\"$BOX_UPDATE_VERSION\\\"\"
+for _ in $(seq 120); do
+    wget -q -O - http://127.0.0.1:8081/ | grep -q \"\\\"version\\\": \\\"$BOX_UPDATE_VERSION\\\"\" && exit 0
+    sleep 1
+done
+exit 1
 ";
 
 fn write_exec(path: &Path, text: &str) -> Result<()> {
