@@ -557,7 +557,10 @@ fn a_confirmed_release_becomes_the_guard_which_then_confirms_instead_of_serve() 
     let b = BoxUnderTest::new(&f.dir, "box", &f.url());
     ok(&b.run(&["update"]));
     let guard = b.root.join("var/lib/box-updater/guard/box-updater");
-    assert!(!guard.exists(), "nothing is the guard before a confirmation");
+    assert!(
+        !guard.exists(),
+        "nothing is the guard before a confirmation"
+    );
     ok(&b.run(&["confirm"]));
     assert_eq!(
         std::fs::read_to_string(&guard).unwrap(),
@@ -602,8 +605,12 @@ fn a_release_installed_without_box_updater_is_checked_and_adopted_by_confirm() {
     ok(&b.run(&["confirm"]));
     // As if the old shell updater had put V2 in place: current switched, nothing recorded.
     std::fs::rename(
-        b.root.join("opt/opq/releases").join(format!("opq-box-update-{V1}")),
-        b.root.join("opt/opq/releases").join(format!("opq-box-update-{V2}")),
+        b.root
+            .join("opt/opq/releases")
+            .join(format!("opq-box-update-{V1}")),
+        b.root
+            .join("opt/opq/releases")
+            .join(format!("opq-box-update-{V2}")),
     )
     .unwrap();
     std::fs::remove_file(b.root.join("opt/opq/current")).unwrap();

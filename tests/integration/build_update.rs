@@ -395,7 +395,10 @@ fn migrating_a_box_with_box_updater_installs_the_guard_and_defuses_the_old_butto
     let d = Dir::new();
     sample_payload(&d, "migrate");
     let bu = d.mkdir("payload/box-updater");
-    let updater = d.write("payload/box-updater/box-updater", "#!/bin/sh\necho updater\n");
+    let updater = d.write(
+        "payload/box-updater/box-updater",
+        "#!/bin/sh\necho updater\n",
+    );
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&updater, std::fs::Permissions::from_mode(0o755)).unwrap();
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("box-updater");
@@ -422,7 +425,10 @@ fn migrating_a_box_with_box_updater_installs_the_guard_and_defuses_the_old_butto
     let log = sh(&release, &migrate);
     assert!(log.contains("installed the guard"), "{log}");
     let guard = root.join("var/lib/box-updater/guard/box-updater");
-    assert_eq!(std::fs::read(&guard).unwrap(), std::fs::read(&updater).unwrap());
+    assert_eq!(
+        std::fs::read(&guard).unwrap(),
+        std::fs::read(&updater).unwrap()
+    );
     let units = root.join("etc/systemd/system");
     assert!(units.join("box-updater-guard.service").is_file());
     assert!(
@@ -453,7 +459,14 @@ fn migrating_a_box_with_box_updater_installs_the_guard_and_defuses_the_old_butto
             root.display()
         ),
     );
-    assert_eq!(std::fs::read_to_string(&guard).unwrap(), "the confirmed one");
+    assert_eq!(
+        std::fs::read_to_string(&guard).unwrap(),
+        "the confirmed one"
+    );
     assert!(!units.join("box-updater-guard.service").exists());
-    assert_eq!(std::fs::read_to_string(&old).unwrap(), shim, "the shim stays");
+    assert_eq!(
+        std::fs::read_to_string(&old).unwrap(),
+        shim,
+        "the shim stays"
+    );
 }

@@ -54,7 +54,7 @@ pub const STEPS: [Step; 7] = [
     ),
 ];
 
-/// 1. The guest as a box still on the original software: its page on 8888 with the box config
+/// Step 1: The guest as a box still on the original software: its page on 8888 with the box config
 /// at /etc/opq/opqbox_config.json, no box-updater, no releases.
 fn old_box(bed: &mut Bed) -> Result<String> {
     let current = bed.power_on()?;
@@ -80,7 +80,7 @@ fn old_box(bed: &mut Bed) -> Result<String> {
     Ok(format!("booted in {:.1} s", bed.boot_times[0]))
 }
 
-/// 2. The first image with box-updater, installed by the old button's unchecked steps; the box
+/// Step 2: The first image with box-updater, installed by the old button's unchecked steps; the box
 /// reboots for real, box-updater comes up from /opt/opq/current, the guard confirms the release.
 fn migration(bed: &mut Bed) -> Result<String> {
     bed.publish(V0, &Release::good())?;
@@ -109,7 +109,7 @@ fn migration(bed: &mut Bed) -> Result<String> {
     Ok(format!("confirmed: {}", last_result(&s).2))
 }
 
-/// 3. The old page's button again, with an unsigned image on the server: it now goes through
+/// Step 3: The old page's button again, with an unsigned image on the server: it now goes through
 /// box-updater, which refuses it; nothing is installed and the box does not reboot.
 fn old_button_safe(bed: &mut Bed) -> Result<String> {
     bed.publish(
@@ -147,7 +147,7 @@ fn old_button_safe(bed: &mut Bed) -> Result<String> {
     Ok(format!("refused: {msg}"))
 }
 
-/// 4. Update Box on the new page: progress, a real `systemctl reboot`, the new release confirmed
+/// Step 4: Update Box on the new page: progress, a real `systemctl reboot`, the new release confirmed
 /// by the guard, its services running from it.
 fn normal_update(bed: &mut Bed) -> Result<String> {
     bed.publish(V1, &Release::good())?;
@@ -209,7 +209,7 @@ fn update_rolled_back(bed: &mut Bed, new: u64, back_to: u64) -> Result<(u32, Val
     Ok((on_new, s))
 }
 
-/// 5. A release whose service exits 1: not healthy at two boots, then rolled back.
+/// Step 5: A release whose service exits 1: not healthy at two boots, then rolled back.
 fn failing_service(bed: &mut Bed) -> Result<String> {
     bed.publish(
         V2,
@@ -233,7 +233,7 @@ fn failing_service(bed: &mut Bed) -> Result<String> {
     Ok(format!("{boots} boots on {V2}, then: {msg}"))
 }
 
-/// 6. A release whose box-updater exits at once: its page never answers, the guard (the
+/// Step 6: A release whose box-updater exits at once: its page never answers, the guard (the
 /// confirmed release's updater) counts the boots and rolls back.
 fn broken_updater(bed: &mut Bed) -> Result<String> {
     bed.publish(
@@ -273,7 +273,7 @@ fn broken_updater(bed: &mut Bed) -> Result<String> {
     Ok(format!("{on_new} boots on {V3}, then: {msg}"))
 }
 
-/// 7. An image whose install_update.sh fails: the box keeps its release, no reboot.
+/// Step 7: An image whose install_update.sh fails: the box keeps its release, no reboot.
 fn failed_install(bed: &mut Bed) -> Result<String> {
     bed.publish(
         V4,
