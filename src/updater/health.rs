@@ -22,8 +22,14 @@ pub fn check(engine: &Engine, image: ImageName) -> Result<(), String> {
     let started = Instant::now();
     let deadline = started + settings.health_timeout;
     let release = engine.layout().release_dir(image);
-    if systemd::manages(&engine.layout().root) {
-        let units = systemd::release_units(&release);
+    let managed = systemd::manages(&engine.layout().root);
+    let units = if managed {
+        systemd::release_units(&release)
+    } else {
+        Vec::new()
+    };
+    let mut restarts = Vec::new();
+    if managed {
         engine.log.info(&format!(
             "waiting up to {} s for {} to be up",
             settings.health_timeout.as_secs(),
@@ -33,31 +39,15 @@ pub fn check(engine: &Engine, image: ImageName) -> Result<(), String> {
                 units.join(", ")
             }
         ));
-        wait_units(&units, deadline, settings.settle)?;
+        restarts = wait_units(&units, deadline, settings.settle)?;
     }
-    let remaining = |min: u64| {
-        deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_secs(min))
-    };
-    let script = release.join(HEALTH_SCRIPT);
-    if script.is_file() {
-        let mut cmd = Command::new(&script);
-        cmd.current_dir(&release)
-            .env("BOX_ROOT", &engine.layout().root)
-            .env("BOX_UPDATE_VERSION", image.version().to_string())
-            .env("BOX_UPDATE_RELEASE_DIR", &release);
-        engine
-            .run_logged(HEALTH_SCRIPT, cmd, remaining(5))
-            .map_err(|e| format!("{e:#}"))?;
+    let scripts = run_scripts(engine, image, &release, deadline);
+    // A unit that came up and then failed (a service that takes a while to crash) is the reason,
+    // whatever the scripts said: they ran against a release that did not stay up.
+    if managed {
+        stayed_up(&units, &restarts)?;
     }
-    if let Some(check) = &settings.health_check {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(check).current_dir(&release);
-        engine
-            .run_logged("the health check", cmd, remaining(5))
-            .map_err(|e| format!("{e:#}"))?;
-    }
+    scripts?;
     engine.log.info(&format!(
         "version {} is healthy after {:.1} s",
         image.version(),
@@ -66,9 +56,60 @@ pub fn check(engine: &Engine, image: ImageName) -> Result<(), String> {
     Ok(())
 }
 
+/// Every unit is still active and has not restarted since it was seen up (`restarts`, per unit).
+fn stayed_up(units: &[String], restarts: &[u32]) -> Result<(), String> {
+    let states = systemd::unit_states(units).map_err(|e| e.to_string())?;
+    for ((unit, s), before) in units.iter().zip(&states).zip(restarts) {
+        let up = if s.oneshot {
+            s.active == "active" || (s.active == "inactive" && s.result == "success")
+        } else {
+            s.active == "active" && s.restarts == *before
+        };
+        if !up {
+            return Err(format!("{unit} did not stay up: {}", s.describe()));
+        }
+    }
+    Ok(())
+}
+
+/// The image's health_check.sh, then --health-check, within what is left of the time limit.
+fn run_scripts(
+    engine: &Engine,
+    image: ImageName,
+    release: &std::path::Path,
+    deadline: Instant,
+) -> Result<(), String> {
+    let settings = &engine.settings;
+    let remaining = |min: u64| {
+        deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(min))
+    };
+    let script = release.join(HEALTH_SCRIPT);
+    if script.is_file() {
+        let mut cmd = Command::new(&script);
+        cmd.current_dir(release)
+            .env("BOX_ROOT", &engine.layout().root)
+            .env("BOX_UPDATE_VERSION", image.version().to_string())
+            .env("BOX_UPDATE_RELEASE_DIR", release);
+        engine
+            .run_logged(HEALTH_SCRIPT, cmd, remaining(5))
+            .map_err(|e| format!("{e:#}"))?;
+    }
+    if let Some(check) = &settings.health_check {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(check).current_dir(release);
+        engine
+            .run_logged("the health check", cmd, remaining(5))
+            .map_err(|e| format!("{e:#}"))?;
+    }
+    Ok(())
+}
+
 /// Waits until every unit is up: active without a restart for `settle` (a oneshot: finished
 /// successfully). A unit that failed or keeps restarting ends the wait at once.
-fn wait_units(units: &[String], deadline: Instant, settle: Duration) -> Result<(), String> {
+/// Returns each unit's restart count once all are up.
+fn wait_units(units: &[String], deadline: Instant, settle: Duration) -> Result<Vec<u32>, String> {
     // Per unit: the invocation and restart count it was first seen active with, and when.
     let mut up_since: HashMap<&str, (String, u32, Instant)> = HashMap::new();
     loop {
@@ -102,7 +143,7 @@ fn wait_units(units: &[String], deadline: Instant, settle: Duration) -> Result<(
             }
         }
         if waiting.is_empty() {
-            return Ok(());
+            return Ok(states.iter().map(|s| s.restarts).collect());
         }
         if now >= deadline {
             return Err(format!("not up in time: {}", waiting.join("; ")));

@@ -417,7 +417,7 @@ WantedBy=multi-user.target
 // (the guard gives it what is left of --health-timeout).
 const HEALTH_CHECK: &str = "#!/bin/sh
 # The image's own health check: its sample service answers, from this very release.
-for _ in $(seq 120); do
+for _ in $(seq 60); do
     wget -q -O - http://127.0.0.1:8081/ | grep -q \"\\\"version\\\": \\\"$BOX_UPDATE_VERSION\\\"\" && exit 0
     sleep 1
 done
