@@ -259,8 +259,20 @@ impl Engine {
         }
     }
 
-    /// Runs a shell command line in `cwd` with a time limit, its output into the update log.
-    pub fn run_logged(&self, what: &str, mut cmd: Command, timeout: Duration) -> Result<()> {
+    /// Runs a command with a time limit, its output into the update log.
+    pub fn run_logged(&self, what: &str, cmd: Command, timeout: Duration) -> Result<()> {
+        self.run_logged_watched(what, cmd, timeout, &mut || None)
+    }
+
+    /// The same, asking `watch` about once a second whether to give up on it: `Some(reason)`
+    /// stops the command (its whole process group) and fails with that reason.
+    pub fn run_logged_watched(
+        &self,
+        what: &str,
+        mut cmd: Command,
+        timeout: Duration,
+        watch: &mut dyn FnMut() -> Option<String>,
+    ) -> Result<()> {
         use std::os::unix::process::CommandExt;
         let out = self.log.for_child().context("opening the update log")?;
         let err = out.try_clone()?;
@@ -271,7 +283,14 @@ impl Engine {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {what}"))?;
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut next_watch = started + Duration::from_secs(1);
+        let stop = |child: &mut std::process::Child| {
+            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        };
         loop {
             if let Some(status) = child.try_wait()? {
                 if status.success() {
@@ -282,14 +301,20 @@ impl Engine {
                     None => bail!("{what} was killed by a signal"),
                 }
             }
-            if Instant::now() >= deadline {
-                let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-                let _ = child.wait();
+            let now = Instant::now();
+            if now >= deadline {
+                stop(&mut child);
                 bail!(
                     "{what} did not finish within {} s and was stopped",
                     timeout.as_secs()
                 );
+            }
+            if now >= next_watch {
+                next_watch = now + Duration::from_secs(1);
+                if let Some(reason) = watch() {
+                    stop(&mut child);
+                    bail!("{reason} ({what} was stopped)");
+                }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -344,5 +369,37 @@ impl Engine {
         nix::unistd::sync();
         nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT).context("reboot")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watched_command_is_stopped_with_the_watchers_reason() {
+        let d = tempfile::tempdir().unwrap();
+        let engine = Engine::new(Settings::new(d.path().to_path_buf())).unwrap();
+        let mut calls = 0;
+        let started = Instant::now();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg("sleep 30 & sleep 30");
+        let err = engine
+            .run_logged_watched("the check", cmd, Duration::from_secs(60), &mut || {
+                calls += 1;
+                (calls == 2).then(|| "a.service failed".to_string())
+            })
+            .unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "a.service failed (the check was stopped)"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // Unwatched, a command that passes passes.
+        let mut ok = Command::new("sh");
+        ok.arg("-c").arg("exit 0");
+        engine
+            .run_logged("the check", ok, Duration::from_secs(10))
+            .unwrap();
     }
 }

@@ -41,13 +41,19 @@ pub fn check(engine: &Engine, image: ImageName) -> Result<(), String> {
         ));
         restarts = wait_units(&units, deadline, settings.settle)?;
     }
-    let scripts = run_scripts(engine, image, &release, deadline);
-    // A unit that came up and then failed (a service that takes a while to crash) is the reason,
-    // whatever the scripts said: they ran against a release that did not stay up.
+    // While the scripts run, a unit that came up and then fails (a service that takes a while
+    // to crash) ends the check at once, as the reason: the scripts would only wait for it.
+    let mut watch = || {
+        if managed {
+            stayed_up(&units, &restarts).err()
+        } else {
+            None
+        }
+    };
+    run_scripts(engine, image, &release, deadline, &mut watch)?;
     if managed {
         stayed_up(&units, &restarts)?;
     }
-    scripts?;
     engine.log.info(&format!(
         "version {} is healthy after {:.1} s",
         image.version(),
@@ -78,6 +84,7 @@ fn run_scripts(
     image: ImageName,
     release: &std::path::Path,
     deadline: Instant,
+    watch: &mut dyn FnMut() -> Option<String>,
 ) -> Result<(), String> {
     let settings = &engine.settings;
     let remaining = |min: u64| {
@@ -93,14 +100,14 @@ fn run_scripts(
             .env("BOX_UPDATE_VERSION", image.version().to_string())
             .env("BOX_UPDATE_RELEASE_DIR", release);
         engine
-            .run_logged(HEALTH_SCRIPT, cmd, remaining(5))
+            .run_logged_watched(HEALTH_SCRIPT, cmd, remaining(5), watch)
             .map_err(|e| format!("{e:#}"))?;
     }
     if let Some(check) = &settings.health_check {
         let mut cmd = Command::new("sh");
         cmd.arg("-c").arg(check).current_dir(release);
         engine
-            .run_logged("the health check", cmd, remaining(5))
+            .run_logged_watched("the health check", cmd, remaining(5), watch)
             .map_err(|e| format!("{e:#}"))?;
     }
     Ok(())

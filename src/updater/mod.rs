@@ -13,4 +13,5 @@ pub mod log;
 pub mod states;
 pub mod status;
 pub mod systemd;
+pub mod units;
 pub mod web;

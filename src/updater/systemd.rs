@@ -102,36 +102,34 @@ fn parse_show(text: &str) -> Vec<UnitState> {
         .collect()
 }
 
-/// The units a release installs and enables: every `*.service` one level down in it with a
-/// `WantedBy=` (as `install_update.sh` installs them), less the guard, which is not the
-/// release's to run.
+/// The units a release installs and enables: its unit files (`units::unit_files`) with a
+/// `WantedBy=`, as `install_update.sh` enables them.
 pub fn release_units(release: &Path) -> Vec<String> {
-    let mut units = Vec::new();
-    for dir in std::fs::read_dir(release).into_iter().flatten().flatten() {
-        if !dir.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        for f in std::fs::read_dir(dir.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let name = f.file_name().to_string_lossy().into_owned();
-            if !name.ends_with(".service") || name == crate::updater::guard::UNIT {
-                continue;
-            }
-            let enabled = std::fs::read_to_string(f.path()).is_ok_and(|t| {
+    crate::updater::units::unit_files(release)
+        .into_iter()
+        .filter(|(_, path)| {
+            std::fs::read_to_string(path).is_ok_and(|t| {
                 t.lines()
                     .any(|l| l.trim_start().starts_with("WantedBy=") && l.len() > 9)
-            });
-            if enabled {
-                units.push(name);
-            }
-        }
+            })
+        })
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// Makes systemd read changed unit files, where it runs the box (`manages`).
+pub fn daemon_reload(root: &Path) -> std::io::Result<()> {
+    if !manages(root) {
+        return Ok(());
     }
-    units.sort();
-    units.dedup();
-    units
+    let out = Command::new("systemctl").arg("daemon-reload").output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "systemctl daemon-reload failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -637,3 +637,99 @@ fn a_release_installed_without_box_updater_is_checked_and_adopted_by_confirm() {
     ok(&b.run(&["confirm", "--health-check", "exit 1"]));
     assert_eq!(b.status()["history"].as_array().unwrap().len(), history);
 }
+
+/// V2 of the sample payload changes the config daemon's unit and adds one of its own.
+fn publish_v2_with_new_units(f: &Fleet, version: u64, extra: &[&str]) -> (String, String) {
+    sample_payload(&f.dir, &format!("v{version}"));
+    let changed = "[Unit]\nDescription=OPQ box config daemon, v2\n[Service]\nExecStart=/opt/opq/current/box-config-daemon/run.sh --v2\n[Install]\nWantedBy=multi-user.target\n";
+    let added = "[Unit]\nDescription=a service new in v2\n[Service]\nExecStart=/opt/opq/current/box-extra/run.sh\n[Install]\nWantedBy=multi-user.target\n";
+    f.dir.write(
+        "payload/box-config-daemon/box-config-daemon.service",
+        changed,
+    );
+    f.dir.write("payload/box-extra/box-extra.service", added);
+    let staging = f.dir.mkdir(&format!("staging-{version}"));
+    build_image(
+        &f.dir,
+        &staging,
+        version,
+        &["payload/box-config-daemon", "payload/box-extra"],
+        extra,
+    );
+    publish_dir(&staging, &f.updates);
+    f.wait_listed(version);
+    (changed.to_string(), added.to_string())
+}
+
+fn assert_units_of_v1(b: &BoxUnderTest, v1_unit: &str) {
+    let units = b.root.join("etc/systemd/system");
+    assert_eq!(
+        std::fs::read_to_string(units.join("box-config-daemon.service")).unwrap(),
+        v1_unit,
+        "the changed unit is back as v1 had it"
+    );
+    assert!(
+        !units.join("box-extra.service").exists(),
+        "the unit v2 added is gone"
+    );
+    assert!(
+        !units
+            .join("multi-user.target.wants/box-extra.service")
+            .is_symlink(),
+        "and no longer enabled"
+    );
+    assert!(
+        units
+            .join("multi-user.target.wants/box-config-daemon.service")
+            .is_symlink()
+    );
+}
+
+#[test]
+fn a_rolled_back_release_takes_the_units_it_added_or_changed_with_it() {
+    let f = Fleet::new();
+    let b = f.box_running(V1);
+    let units = b.root.join("etc/systemd/system");
+    let v1_unit = std::fs::read_to_string(units.join("box-config-daemon.service")).unwrap();
+    let (changed, added) = publish_v2_with_new_units(&f, V2, &[]);
+    ok(&b.run(&["update"]));
+    assert_eq!(
+        std::fs::read_to_string(units.join("box-config-daemon.service")).unwrap(),
+        changed
+    );
+    assert_eq!(
+        std::fs::read_to_string(units.join("box-extra.service")).unwrap(),
+        added
+    );
+    let o = b.run(&["confirm", "--max-boots", "1", "--health-check", "exit 1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(b.current_version(), Some(V1));
+    assert_units_of_v1(&b, &v1_unit);
+    let log = std::fs::read_to_string(b.root.join("var/log/opq/box_update.log")).unwrap();
+    assert!(
+        log.contains("put back box-config-daemon.service, removed box-extra.service"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_failed_install_script_takes_the_units_it_installed_with_it() {
+    let f = Fleet::new();
+    let b = f.box_running(V1);
+    let v1_unit =
+        std::fs::read_to_string(b.root.join("etc/systemd/system/box-config-daemon.service"))
+            .unwrap();
+    let script = f.dir.write(
+        "units_then_fail.sh",
+        "#!/bin/sh\nset -e\nfor u in */*.service; do cp \"$u\" \"$BOX_ROOT/etc/systemd/system/\"; done\n\
+         ln -sfn /etc/systemd/system/box-extra.service \"$BOX_ROOT/etc/systemd/system/multi-user.target.wants/\"\n\
+         echo 'failing after the units' >&2\nexit 4\n",
+    );
+    publish_v2_with_new_units(&f, V2, &["--install-script", script.to_str().unwrap()]);
+    let o = b.run(&["update"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("exit code 4"), "{}", stderr(&o));
+    assert_eq!(b.current_version(), Some(V1));
+    assert_eq!(b.releases(), vec![format!("opq-box-update-{V1}")]);
+    assert_units_of_v1(&b, &v1_unit);
+}

@@ -138,3 +138,65 @@ pub fn ls(image: &Path, path: &str) -> Result<Vec<String>> {
     names.sort();
     Ok(names)
 }
+
+/// Copies a directory out of a disk image into `dest` (which must not exist), with debugfs's
+/// `rdump`: files with their contents, links as links.
+pub fn dump(image: &Path, path: &str, dest: &Path) -> Result<()> {
+    let parent = dest
+        .parent()
+        .context("dump needs a destination with a parent")?;
+    let staging = parent.join(format!(
+        ".dump-{}",
+        dest.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)?;
+    let out = run(
+        Command::new("debugfs")
+            .arg("-R")
+            .arg(format!("rdump \"{path}\" \"{}\"", staging.display()))
+            .arg(image),
+        "debugfs rdump",
+    )?;
+    let name = Path::new(path)
+        .file_name()
+        .with_context(|| format!("{path}: not a directory path"))?;
+    let dumped = staging.join(name);
+    if !dumped.is_dir() {
+        bail!("{path} is not a directory on the disk: {out}");
+    }
+    std::fs::rename(&dumped, dest)?;
+    std::fs::remove_dir_all(&staging)?;
+    Ok(())
+}
+
+/// What `current` points at on a data disk (`/opq/current`, as the guest mounts the disk on
+/// /data and binds /data/opq on /opt/opq), checked complete: the release directory exists, its
+/// `VERSION` matches its name, and every file passes its `SHA256SUMS` with nothing missing or
+/// extra. Returns the release's version. `image` should be a checked copy (see `check`).
+pub fn current_release(image: &Path, scratch: &Path) -> Result<u64> {
+    let link = readlink(image, "/opq/current")?.context("/opq/current is not a link")?;
+    let name = link
+        .strip_prefix("releases/")
+        .with_context(|| format!("current -> {link}: not releases/<name>"))?;
+    let version: u64 = name
+        .strip_prefix("opq-box-update-")
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("current -> {link}: not a release name"))?;
+    let dest = scratch.join(name);
+    let _ = std::fs::remove_dir_all(&dest);
+    dump(image, &format!("/opq/{link}"), &dest)
+        .with_context(|| format!("current -> {link}, which is not there"))?;
+    let text = std::fs::read_to_string(dest.join("VERSION"))
+        .with_context(|| format!("{name} has no VERSION"))?;
+    if text != format!("{version}\n") {
+        bail!("{name}: VERSION says {text:?}");
+    }
+    let sums = std::fs::read_to_string(dest.join("SHA256SUMS"))
+        .with_context(|| format!("{name} has no SHA256SUMS"))?;
+    opq_update::sums::Sha256Sums::parse(&sums)
+        .and_then(|s| s.verify_dir(&dest))
+        .with_context(|| format!("{name} is not complete"))?;
+    std::fs::remove_dir_all(&dest)?;
+    Ok(version)
+}

@@ -3,9 +3,16 @@
 //! time; the run ends with `N passed, N failed`.
 //!
 //! ```text
-//! system --vm-dir DIR --guest-updater FILE [--arch x86_64|aarch64] [--artifacts DIR]
+//! system --vm-dir DIR --guest-updater FILE [--arch x86_64|aarch64] [--smp N] [--artifacts DIR] [--boot-only]
 //! ```
-//! (`--relay HOST PORT` is how qemu runs this program for each guest connection to the server.)
+//! `--boot-only` powers a fresh box on once and prints how long it took to boot. Without
+//! `--vm-dir` it does nothing (it is built with the other tests, and nextest asks it for its
+//! tests with `--list`: it has none). `--relay 127.0.0.1 PORT` is how qemu runs this program for
+//! each guest connection to the update server.
+//!
+//! Modules: `vm` (a machine and its boots: qemu, console, power), `disk` (the disks from the
+//! host: e2fsck, debugfs, a release's checksums), `bed` (the update server, keys, images, the
+//! box's pages), `story` (the steps). See tests/system/README.md for building on them.
 
 #[path = "../integration/util.rs"]
 mod util;
@@ -22,12 +29,16 @@ use anyhow::{Context, Result, bail};
 
 struct Args {
     inputs: bed::Inputs,
+    boot_only: bool,
 }
 
-fn parse() -> Result<Args> {
+/// `None`: nothing to do here (no `--vm-dir`: a test runner's call).
+fn parse() -> Result<Option<Args>> {
     let mut arch = vm::Arch::X86_64;
     let mut vm_dir = None;
     let mut updater = None;
+    let mut smp = 2;
+    let mut boot_only = false;
     let mut artifacts = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/artifacts/system"));
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -37,19 +48,26 @@ fn parse() -> Result<Args> {
             "--vm-dir" => vm_dir = Some(PathBuf::from(value()?)),
             "--guest-updater" => updater = Some(PathBuf::from(value()?)),
             "--artifacts" => artifacts = PathBuf::from(value()?),
-            // What cargo's test runner passes along; nothing to do with it here.
-            "--nocapture" | "--quiet" | "-q" => {}
+            "--smp" => smp = value()?.parse().context("--smp needs a number")?,
+            "--boot-only" => boot_only = true,
+            // What a test runner passes (nextest's --list, cargo test's filters): no story.
+            _ if vm_dir.is_none() => return Ok(None),
             other => bail!("unknown argument {other:?}; see tests/system/main.rs"),
         }
     }
-    Ok(Args {
+    let Some(vm_dir) = vm_dir else {
+        return Ok(None);
+    };
+    Ok(Some(Args {
         inputs: bed::Inputs {
             arch,
-            vm_dir: vm_dir.context("--vm-dir (from tests/system/build-rootfs.sh) is required")?,
+            vm_dir,
             guest_updater: updater.context("--guest-updater is required")?,
             artifacts: artifacts.join(arch.debian()),
+            smp,
         },
-    })
+        boot_only,
+    }))
 }
 
 fn main() {
@@ -59,7 +77,15 @@ fn main() {
         std::process::exit(if vm::relay(port).is_ok() { 0 } else { 1 });
     }
     let args = match parse() {
-        Ok(a) => a,
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            if !std::env::args().any(|a| a == "--list") {
+                eprintln!(
+                    "system: nothing to do without --vm-dir; scripts/system-test.sh runs the story"
+                );
+            }
+            return;
+        }
         Err(e) => {
             eprintln!("system: error: {e:#}");
             std::process::exit(2);
@@ -75,6 +101,22 @@ fn main() {
             std::process::exit(1);
         }
     };
+    if args.boot_only {
+        let current = bed.power_on();
+        bed.power_cut();
+        match (current, bed.boot_times.first()) {
+            (Ok(_), Some(t)) => println!(
+                "one boot: power-on to the ready line in {t:.1} s (load average {})",
+                load_average()
+            ),
+            (Err(e), _) => {
+                println!("the box did not boot: {e:#}");
+                std::process::exit(1);
+            }
+            (Ok(_), None) => println!("the boot ended before the ready line"),
+        }
+        return;
+    }
     let (mut passed, mut failed) = (0, 0);
     let mut broken = false;
     let total = story::STEPS.len() + 1;
@@ -118,13 +160,21 @@ fn main() {
         let mean = boots.iter().sum::<f64>() / boots.len() as f64;
         let min = boots.iter().cloned().fold(f64::MAX, f64::min);
         println!(
-            "{} boots: power-on to the ready line {min:.1} s at best, {mean:.1} s on average; whole story {:.1} s; console logs in {}",
+            "{} boots: power-on to the ready line {min:.1} s at best, {mean:.1} s on average; whole story {:.1} s (load average {}); console logs in {}",
             boots.len(),
             started.elapsed().as_secs_f64(),
+            load_average(),
             artifacts.display()
         );
     }
     println!("{passed} passed, {failed} failed");
     drop(bed);
     std::process::exit(if failed == 0 { 0 } else { 1 });
+}
+
+/// The host's load averages (1, 5, 15 min), for the figures: emulation slows down with them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }

@@ -84,7 +84,8 @@ fn old_box(bed: &mut Bed) -> Result<String> {
 /// reboots for real, box-updater comes up from /opt/opq/current, the guard confirms the release.
 fn migration(bed: &mut Bed) -> Result<String> {
     bed.publish(V0, &Release::good())?;
-    let (code, body) = crate::bed::http(bed.ports.old_page, "POST", "/box_update", Some("{}"))?;
+    let (code, body) =
+        crate::bed::http(bed.ports.old_page, "POST", "/box_update", Some("{}"), None)?;
     ensure!(code == 200, "old button: {code} {body}");
     bed.wait_reboot(REBOOT)?;
     let current = bed.power_on()?;
@@ -119,7 +120,8 @@ fn old_button_safe(bed: &mut Bed) -> Result<String> {
             ..Release::good()
         },
     )?;
-    let (code, body) = crate::bed::http(bed.ports.old_page, "POST", "/box_update", Some("{}"))?;
+    let (code, body) =
+        crate::bed::http(bed.ports.old_page, "POST", "/box_update", Some("{}"), None)?;
     ensure!(code == 200, "old button: {code} {body}");
     let s = bed.wait_status("box-updater refuses the unsigned image", BOOT_UP, |s| {
         s["running"] == false && last_result(s).0 == "failed"
@@ -137,7 +139,7 @@ fn old_button_safe(bed: &mut Bed) -> Result<String> {
         bed.page_json("/version")?["version"] == V0,
         "the installed version changed"
     );
-    let (_, log) = crate::bed::http(bed.ports.old_page, "GET", "/box_update/log", None)?;
+    let (_, log) = crate::bed::http(bed.ports.old_page, "GET", "/box_update/log", None, None)?;
     let tail = log.rsplit("Asking box-updater").next().unwrap_or("");
     ensure!(
         log.contains("Asking box-updater") && !tail.contains("Running update script"),
@@ -151,7 +153,7 @@ fn old_button_safe(bed: &mut Bed) -> Result<String> {
 /// by the guard, its services running from it.
 fn normal_update(bed: &mut Bed) -> Result<String> {
     bed.publish(V1, &Release::good())?;
-    let (code, body) = crate::bed::http(bed.ports.page, "POST", "/box_update", Some("{}"))?;
+    let (code, body) = bed.page_post("/box_update", "{}")?;
     ensure!(code == 202, "Update Box: {code} {body}");
     let mut states = Vec::new();
     while bed.boot().running() {
@@ -188,7 +190,7 @@ fn normal_update(bed: &mut Bed) -> Result<String> {
 /// Presses Update Box and follows the reboots until the box is back on `back_to`: returns the
 /// number of boots on the new release, and the page's status after.
 fn update_rolled_back(bed: &mut Bed, new: u64, back_to: u64) -> Result<(u32, Value)> {
-    let (code, body) = crate::bed::http(bed.ports.page, "POST", "/box_update", Some("{}"))?;
+    let (code, body) = bed.page_post("/box_update", "{}")?;
     ensure!(code == 202, "Update Box: {code} {body}");
     bed.wait_reboot(REBOOT)?;
     let mut on_new = 0;
@@ -243,7 +245,7 @@ fn broken_updater(bed: &mut Bed) -> Result<String> {
             ..Release::good()
         },
     )?;
-    let (code, body) = crate::bed::http(bed.ports.page, "POST", "/box_update", Some("{}"))?;
+    let (code, body) = bed.page_post("/box_update", "{}")?;
     ensure!(code == 202, "Update Box: {code} {body}");
     bed.wait_reboot(REBOOT)?;
     let mut on_new = 0;
@@ -284,7 +286,7 @@ fn failed_install(bed: &mut Bed) -> Result<String> {
             ..Release::good()
         },
     )?;
-    let (code, body) = crate::bed::http(bed.ports.page, "POST", "/box_update", Some("{}"))?;
+    let (code, body) = bed.page_post("/box_update", "{}")?;
     ensure!(code == 202, "Update Box: {code} {body}");
     let s = bed.wait_status("the install fails", REBOOT, |s| {
         s["running"] == false && last_result(s).0 == "failed"
@@ -310,11 +312,8 @@ pub fn check_disk(bed: &mut Bed) -> Result<String> {
     let scratch = bed.dir.mkdir("check");
     let (fsck, copy) = disk::check(&bed.data_disk(), &scratch)?;
     ensure!(fsck.clean, "e2fsck found damage:\n{}", fsck.report);
-    let current = disk::readlink(&copy, "/opq/current")?;
-    ensure!(
-        current.as_deref() == Some(release_link(V1).as_str()),
-        "current -> {current:?}"
-    );
+    let current = disk::current_release(&copy, &scratch)?;
+    ensure!(current == V1, "current is version {current}, not {V1}");
     let state: Value = serde_json::from_slice(&disk::cat(&copy, "/box-updater/state.json")?)
         .context("state.json on the disk")?;
     ensure!(
@@ -335,7 +334,7 @@ pub fn check_disk(bed: &mut Bed) -> Result<String> {
         "the failed install left {releases:?}"
     );
     Ok(format!(
-        "e2fsck clean{}; current -> {}; releases {}",
+        "e2fsck clean{}; current -> {}, complete; releases {}",
         if fsck.replayed {
             " after journal replay"
         } else {
@@ -350,7 +349,7 @@ pub fn check_disk(bed: &mut Bed) -> Result<String> {
 fn http_retry(port: u16, path: &str) -> Result<(u16, String)> {
     let mut last = None;
     for _ in 0..120 {
-        match crate::bed::http(port, "GET", path, None) {
+        match crate::bed::http(port, "GET", path, None, None) {
             Ok(r) => return Ok(r),
             Err(e) => last = Some(e),
         }

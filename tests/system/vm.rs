@@ -1,9 +1,20 @@
 //! The virtual OPQ Box: one qemu machine (x86_64 or aarch64, plain emulation) with its disks, its
 //! forwarded ports and its serial console. A `Machine` outlives its boots: each boot is one qemu
 //! process (`-no-reboot`, so the guest's own reboot ends it and the harness sees it), and the same
-//! disks boot again after a clean reboot or after a `kill` (SIGKILL: a power cut). qemu never
-//! outlives the harness: it is killed when its `Boot` drops, and by the kernel if the harness
-//! dies (PR_SET_PDEATHSIG).
+//! disks boot again after a clean reboot or after a `kill`. qemu never outlives the harness: it
+//! is killed when its `Boot` drops, and by the kernel if the harness dies (PR_SET_PDEATHSIG).
+//!
+//! Power cuts: `Boot::kill` is SIGKILL to qemu. The disks are raw files opened with
+//! `cache=unsafe`: every write the guest's kernel has sent to the disk is already in the host
+//! file (qemu `pwrite`s it before completing the request), and the guest's flushes cost nothing.
+//! So a kill loses exactly what the guest had not yet written out (its page cache, and requests
+//! still in flight), like a power cut on a disk that keeps what it acknowledged in order. A disk
+//! that reorders or drops unflushed writes is what dm-log-writes replays model instead.
+//!
+//! The console: each boot's serial output goes to its own file (`boot-NN.log` in the log
+//! directory), read by `Boot::wait_for` and friends. The guest prints two markers there
+//! (tests/system/rootfs/usr/local/sbin/opq-vm-marker): `opq-vm: boot ...` once its disks are
+//! mounted and `opq-vm: ready ...` at multi-user.target, each with `current=<link target>`.
 
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::process::CommandExt;
@@ -118,8 +129,12 @@ impl Machine {
             .arg(&s.kernel)
             .arg("-initrd")
             .arg(&s.initrd);
+        // The initrd (tests/system/build-rootfs.sh) mounts root= itself. The rest trims the
+        // boot under emulation: no speculation mitigations to emulate, one serial port to probe,
+        // no clock calibration against the emulated PIT, eth0 for the network unit.
         c.arg("-append").arg(format!(
-            "console={} root=/dev/vda rw quiet loglevel=3 systemd.show_status=0 panic=5 {}",
+            "console={} root=/dev/vda rw quiet loglevel=3 systemd.show_status=0 panic=5 \
+             net.ifnames=0 mitigations=off 8250.nr_uarts=1 tsc=reliable {}",
             s.arch.console(),
             s.extra_cmdline
         ));
@@ -197,6 +212,9 @@ fn relay_command() -> String {
 pub fn relay(port: u16) -> Result<()> {
     use std::io::Write;
     use std::os::fd::FromRawFd;
+    // A relay lives as long as the qemu that started it: a power cut ends its connections too.
+    // SAFETY: prctl only sets this process's parent-death signal.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
     let tcp = std::net::TcpStream::connect(("127.0.0.1", port))?;
     let mut up = tcp.try_clone()?;
     // SAFETY: fds 0 and 1 are this process's own, opened by qemu for it, and used only here.
@@ -261,30 +279,32 @@ impl Boot {
 
     /// Waits for a console line containing `needle`; fails if qemu exits first or on timeout.
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<String> {
+        self.wait_for_any(&[needle], timeout).map(|(_, line)| line)
+    }
+
+    /// Waits for the first console line containing any of `needles`: (which one, the line).
+    /// Fails if qemu exits first or on timeout.
+    pub fn wait_for_any(&mut self, needles: &[&str], timeout: Duration) -> Result<(usize, String)> {
         let deadline = Instant::now() + timeout;
         loop {
+            let down = !self.running();
+            // After an exit, the last lines may have landed after the previous read.
             for line in self.new_lines() {
-                if line.contains(needle) {
-                    return Ok(line);
+                if let Some(i) = needles.iter().position(|n| line.contains(n)) {
+                    return Ok((i, line));
                 }
             }
-            if !self.running() {
-                // The last lines may have landed after the read above.
-                for line in self.new_lines() {
-                    if line.contains(needle) {
-                        return Ok(line);
-                    }
-                }
+            if down {
                 let note = self.stderr_note();
                 bail!(
-                    "the machine went down (boot {}, {:?}) before the console said {needle:?}{note}",
+                    "the machine went down (boot {}, {:?}) before the console said any of {needles:?}{note}",
                     self.number,
                     self.exit,
                 );
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "the console did not say {needle:?} within {} s (boot {})",
+                    "the console did not say any of {needles:?} within {} s (boot {})",
                     timeout.as_secs(),
                     self.number
                 );
@@ -309,7 +329,8 @@ impl Boot {
         Ok(self.exit.expect("exited"))
     }
 
-    /// Cuts the power: SIGKILL to qemu, so whatever the guest had not written is lost.
+    /// Cuts the power: SIGKILL to qemu, so whatever the guest had not written is lost (see the
+    /// module's note). Returns once qemu is gone: its disk images may be read or booted again.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
