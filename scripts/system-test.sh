@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The box's story on a virtual OPQ Box: Debian bookworm with systemd under qemu (plain emulation),
 # driven from the host through its pages, its serial console and qemu itself (tests/system/).
-# Installs what it needs (qemu, debootstrap), builds the test bed once (cached under
+# Installs what it needs (qemu, debootstrap, cpio), builds the test bed once (cached under
 # target/system/, keyed by its recipe), runs the story and ends with `N passed, N failed`.
 # The guest's box-updater is the tests' own build (target/debug, `--features fault-injection`,
 # as scripts/test.sh builds it; its bzip2 and hashing are optimised, see Cargo.toml), stripped.
@@ -26,7 +26,7 @@ esac
 [ "$(id -u)" -eq 0 ] || { echo "system-test: run as root (debootstrap, file owners in the disk image)" >&2; exit 2; }
 
 need_apt=()
-for pair in "$qemu" debootstrap:debootstrap mkfs.ext4:e2fsprogs debugfs:e2fsprogs; do
+for pair in "$qemu" debootstrap:debootstrap mkfs.ext4:e2fsprogs debugfs:e2fsprogs cpio:cpio useradd:passwd; do
     command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need_apt+=("${pair#*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use crate::archive::unpack::Limits;
 use crate::fsutil::unix_now;
 use crate::image::Version;
-use crate::updater::http::{Http, HttpOptions};
+use crate::updater::http::{FetchError, Http, HttpOptions};
 use crate::updater::layout::Layout;
 use crate::updater::lock::{LockError, UpdateLock};
 use crate::updater::log::UpdateLog;
@@ -257,6 +257,37 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// Runs `f`, retrying transient failures (the network) with exponential backoff, at most
+    /// `--retries` times; `what` names the thing fetched in the log.
+    pub fn with_retries<T>(
+        &self,
+        what: &str,
+        mut f: impl FnMut() -> Result<T, FetchError>,
+    ) -> Result<T> {
+        let s = &self.settings;
+        let mut delay = s.retry_delay;
+        for attempt in 0..=s.retries {
+            match f() {
+                Ok(v) => return Ok(v),
+                Err(FetchError::Permanent(m)) => bail!("{m}"),
+                Err(FetchError::Transient(m)) if attempt < s.retries => {
+                    self.log.warn(&format!(
+                        "fetching {what}: {m}; retry {} of {} in {:?}",
+                        attempt + 1,
+                        s.retries,
+                        delay
+                    ));
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+                Err(FetchError::Transient(m)) => {
+                    bail!("{m} (gave up after {} retries)", s.retries)
+                }
+            }
+        }
+        unreachable!("the last attempt returns")
     }
 
     /// Runs a command with a time limit, its output into the update log.

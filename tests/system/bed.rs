@@ -131,6 +131,10 @@ impl Bed {
         self.machine.spec.disks[1].clone()
     }
 
+    pub fn system_disk(&self) -> PathBuf {
+        self.machine.spec.disks[0].clone()
+    }
+
     /// Powers the box on and waits for the end of its boot; returns where `current` points at
     /// the start of the boot (`none` on a box without releases). A boot that ends by itself
     /// before its ready line (the guard reboots a bad release early) is no error: `boot()` is
@@ -218,6 +222,9 @@ impl Bed {
             c.arg("--install-script").arg(&p);
         }
         c.args(["box-updater", "opq-sample", "health_check.sh"]);
+        if release.extra_unit {
+            c.arg("opq-extra");
+        }
         let out = c.output().context("running build-update")?;
         if !out.status.success() {
             bail!(
@@ -341,6 +348,8 @@ pub struct Release {
     /// box-updater is a program that exits at once.
     pub broken_updater: bool,
     pub install_script: Option<String>,
+    /// A service of its own that the other releases do not have (`opq-extra.service`).
+    pub extra_unit: bool,
 }
 
 impl Release {
@@ -350,6 +359,7 @@ impl Release {
             failing_service: false,
             broken_updater: false,
             install_script: None,
+            extra_unit: false,
         }
     }
 
@@ -385,28 +395,37 @@ impl Release {
 
         let sample = dir.join("opq-sample");
         std::fs::create_dir_all(&sample)?;
+        write_exec(&sample.join("sample.py"), SAMPLE_PY)?;
         write_exec(
-            &sample.join("sample.py"),
-            &SAMPLE_PY.replace("@FAIL@", if self.failing_service { "1" } else { "0" }),
+            &sample.join("run.sh"),
+            &SAMPLE_RUN.replace(
+                "@FAIL@\n",
+                if self.failing_service {
+                    "echo 'opq-sample: failing on purpose' >&2\nexit 1\n"
+                } else {
+                    ""
+                },
+            ),
         )?;
         std::fs::write(sample.join("opq-sample.service"), SAMPLE_UNIT)?;
         write_exec(&dir.join("health_check.sh"), HEALTH_CHECK)?;
+        if self.extra_unit {
+            let extra = dir.join("opq-extra");
+            std::fs::create_dir_all(&extra)?;
+            std::fs::write(extra.join("opq-extra.service"), EXTRA_UNIT)?;
+        }
         Ok(())
     }
 }
 
 const SAMPLE_PY: &str = r#"#!/usr/bin/python3
 """A service of the box, run from /opt/opq/current: says which release it runs from."""
-import json, os, sys
+import json, os
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 here = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
 with open(os.path.join(here, "..", "VERSION")) as f:
     version = f.read().strip()
-if @FAIL@:
-    print("opq-sample: failing on purpose", file=sys.stderr)
-    sys.exit(1)
-
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -422,14 +441,31 @@ class Handler(BaseHTTPRequestHandler):
 HTTPServer(("", 8081), Handler).serve_forever()
 "#;
 
+// The failing release's service exits 1 at once (python's start costs seconds under emulation).
+const SAMPLE_RUN: &str = "#!/bin/sh
+@FAIL@
+exec /usr/bin/python3 \"$(dirname \"$0\")/sample.py\"
+";
+
 const SAMPLE_UNIT: &str = "[Unit]
 Description=OPQ sample service (test bed)
 After=network.target
 
 [Service]
-ExecStart=/usr/bin/python3 /opt/opq/current/opq-sample/sample.py
+ExecStart=/opt/opq/current/opq-sample/run.sh
 Restart=on-failure
 RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
+";
+
+pub const EXTRA_UNIT_NAME: &str = "opq-extra.service";
+const EXTRA_UNIT: &str = "[Unit]
+Description=A service only one release of the test bed has
+
+[Service]
+ExecStart=/bin/sleep infinity
 
 [Install]
 WantedBy=multi-user.target

@@ -76,92 +76,59 @@ trim() {
         /usr/share/locale/* /usr/share/info/* /var/log/*.log /var/cache/debconf/*-old
 }
 
-pkgs=systemd,systemd-sysv,udev,kmod,e2fsprogs,dmsetup,busybox-static,$kernel_pkg,bzip2,wget,sudo,python3
-base="target/system/base-$arch-$( (echo "$pkgs"; echo "$root_modules"; declare -f trim) | sha256sum | cut -c1-12).tar"
-if [ ! -f "$base" ]; then
-    echo "build-rootfs: debootstrap bookworm $arch from $mirror (minutes; cached in $base)" >&2
-    [ "$arch" = amd64 ] || { echo "build-rootfs: $arch needs a foreign debootstrap, not supported yet" >&2; exit 2; }
-    mkdir -p "$PWD/target/system/debs-$arch"
-    debootstrap --variant=minbase --arch="$arch" --include="$pkgs" --cache-dir="$PWD/target/system/debs-$arch" \
-        bookworm "$root" "$mirror" >"$work/debootstrap.log" 2>&1 ||
-        { tail -n 30 "$work/debootstrap.log" >&2; echo "build-rootfs: debootstrap failed" >&2; exit 1; }
-    mount_api
-    in_root env root_modules="$root_modules" bash -c "$(declare -f trim); set -euo pipefail; trim"
-    umount_api
-    tar -C "$root" --numeric-owner -cf "$base.tmp" .
-    mv "$base.tmp" "$base"
-    echo "build-rootfs: base tree $(du -sm "$base" | cut -f1) MiB after $(( $(date +%s) - started )) s" >&2
-else
-    mkdir -p "$root"
-    tar -C "$root" --numeric-owner -xf "$base"
-fi
-kver=$(ls "$root/lib/modules")
+# The modules to load for `names`, in order, each after what it depends on, as paths under
+# /lib/modules/<kver>/, read from the tree's modules.dep (no need to run the tree's modprobe,
+# which may be another architecture's). Names may be spelt with - or _.
+module_order() {
+    local dir=$1
+    shift
+    awk -v want="$*" '
+        function norm(p) { sub(/.*\//, "", p); sub(/\.ko.*$/, "", p); gsub(/-/, "_", p); return p }
+        function emit(p) { if (!(p in done)) { done[p] = 1; print p } }
+        { key = $1; sub(/:$/, "", key); line[norm(key)] = $0; path[norm(key)] = key }
+        END {
+            n = split(want, w, " ")
+            for (i = 1; i <= n; i++) {
+                m = w[i]; gsub(/-/, "_", m)
+                if (!(m in line)) { print "build-rootfs: no module " m > "/dev/stderr"; exit 1 }
+                k = split(line[m], deps, " ")
+                for (j = k; j >= 2; j--) emit(deps[j])
+                emit(path[m])
+            }
+        }' "$dir/modules.dep"
+}
 
-# The box's own files: config, the stand-in of the original box-config-daemon, network, markers.
-cp -a tests/system/rootfs/. "$root/"
-chown -R root:root "$root/etc" "$root/usr/local"
-mount_api
-in_root useradd --create-home --shell /bin/bash --user-group pi
-chmod 0440 "$root/etc/sudoers.d/010_pi-nopasswd"
-mkdir -p "$root/data" "$root/opt/opq" "$root/var/lib/box-updater" "$root/var/log/opq"
-in_root chown pi:pi /var/log/opq
-
-# Only the units a box needs. The network is qemu's user network with a fixed address, set by
-# opq-vm-net.service (busybox ip) instead of systemd-networkd; the data disk needs no fsck at
-# each boot (the power-cut tests check it from the host).
-in_root systemctl enable box-config-daemon.service opq-vm-net.service opq-vm-boot.service opq-vm-ready.service >/dev/null 2>&1
-in_root systemctl mask getty@tty1.service serial-getty@ttyS0.service serial-getty@ttyAMA0.service \
-    systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service \
-    fstrim.timer dpkg-db-backup.timer systemd-tmpfiles-clean.timer \
-    systemd-networkd.service systemd-networkd.socket systemd-networkd-wait-online.service \
-    systemd-network-generator.service systemd-pstore.service getty-static.service getty.target \
-    systemd-binfmt.service proc-sys-fs-binfmt_misc.automount systemd-update-utmp.service \
-    systemd-update-utmp-runlevel.service systemd-rfkill.socket systemd-journal-flush.service \
-    systemd-sysusers.service systemd-hwdb-update.service ldconfig.service systemd-journal-catalog-update.service \
-    systemd-firstboot.service systemd-random-seed.service systemd-modules-load.service systemd-remount-fs.service \
-    systemd-fsckd.socket systemd-fsckd.service systemd-machine-id-commit.service \
-    sys-kernel-debug.mount sys-kernel-tracing.mount sys-kernel-config.mount sys-fs-fuse-connections.mount \
-    dev-hugepages.mount dev-mqueue.mount modprobe@drm.service modprobe@fuse.service modprobe@configfs.service \
-    modprobe@efi_pstore.service modprobe@loop.service modprobe@dm_mod.service \
-    systemd-udevd.service systemd-udevd-control.socket systemd-udevd-kernel.socket systemd-udev-trigger.service systemd-udev-settle.service >/dev/null 2>&1 || true
-: >"$root/etc/machine-id"
-# Generators the box has nothing for (each is a process before systemd starts any unit); the
-# fstab generator stays.
-mkdir -p "$root/etc/systemd/system-generators"
-for g in "$root"/lib/systemd/system-generators/*; do
-    case ${g##*/} in systemd-fstab-generator) ;; *) ln -sfn /dev/null "$root/etc/systemd/system-generators/${g##*/}" ;; esac
-done
-
-# The initrd: busybox, the modules that find and mount the disks, and an /init that loads them,
-# mounts the root and the box's data and hands over to systemd. (initramfs-tools' initrd starts
-# udev and waits for it to settle, and the data disk's mount at boot would wait for udev again:
-# many seconds under emulation.)
-initrd="$root/tmp/initrd"
-mkdir -p "$initrd/bin" "$initrd/dev" "$initrd/proc" "$initrd/sys" "$initrd/root" "$initrd/lib/modules"
-cp "$root/usr/bin/busybox" "$initrd/bin/busybox"
-# shellcheck disable=SC2086 # a list of module names
-in_root modprobe -a --show-depends -S "$kver" $initrd_modules | awk '$1 == "insmod" && !seen[$2]++ { print $2 }' >"$work/initrd.order"
-while read -r ko; do
-    cp "$root$ko" "$initrd/lib/modules/"
-    echo "/lib/modules/$(basename "$ko")" >>"$initrd/modules"
-done <"$work/initrd.order"
-cat >"$initrd/init" <<'INIT'
+# An initrd: busybox, `modules` (paths under the tree's /lib/modules/<kver>/, in load order) and
+# the /init below, as a newc cpio on stdout.
+make_initrd() {
+    local tree=$1 kver=$2 dir
+    shift 2
+    dir=$(mktemp -d "$work/initrd-XXXXXX")
+    mkdir -p "$dir/bin" "$dir/dev" "$dir/proc" "$dir/sys" "$dir/root" "$dir/lib/modules"
+    cp "$tree/usr/bin/busybox" "$dir/bin/busybox"
+    : >"$dir/modules"
+    for ko in "$@"; do
+        cp "$tree/lib/modules/$kver/$ko" "$dir/lib/modules/"
+        echo "/lib/modules/${ko##*/}" >>"$dir/modules"
+    done
+    cat >"$dir/init" <<'INIT'
 #!/bin/busybox sh
 # The virtual box's init in its initrd: modules, the root disk (root= on the kernel command
 # line), the box's data disk (opq.data=, default /dev/vdb; opq.data=none leaves it to the
 # system) on /data with /data/opq on /opt/opq and /data/box-updater on /var/lib/box-updater,
-# then systemd. Anything wrong ends the boot (and qemu, which runs with -no-reboot).
+# then systemd (or opq.init=). Anything wrong ends the boot (and qemu, run with -no-reboot).
 /bin/busybox --install -s /bin
 export PATH=/bin
 fail() { echo "initrd: $*"; sleep 1; reboot -f; }
 mount -t devtmpfs devtmpfs /dev
 mount -t proc proc /proc
 while read -r m; do insmod "$m" || fail "cannot load $m"; done </modules
-root=/dev/vda data=/dev/vdb
+root=/dev/vda data=/dev/vdb init=/sbin/init
 for arg in $(cat /proc/cmdline); do
     case $arg in
         root=/dev/*) root=${arg#root=} ;;
         opq.data=*) data=${arg#opq.data=} ;;
+        opq.init=*) init=${arg#opq.init=} ;;
     esac
 done
 wait_dev() {
@@ -182,13 +149,143 @@ if [ "$data" != none ]; then
 fi
 mount --move /dev /root/dev
 umount /proc
-exec switch_root /root /sbin/init
+exec switch_root /root "$init"
 INIT
-chmod 0755 "$initrd/init"
+    chmod 0755 "$dir/init"
+    (cd "$dir" && find . | LC_ALL=C sort | cpio --quiet -o -H newc)
+    rm -rf "$dir"
+}
+
+# A foreign architecture's debootstrap ends in the machine itself (no binfmt_misc on the host):
+# the tree boots under qemu with its own kernel, runs the second stage and `trim`, and powers off.
+second_stage() {
+    local kver img log
+    kver=$(ls "$root/lib/modules")
+    # No modules.dep before the second stage: the few the machine needs, in a fixed order (a
+    # missing one is built in).
+    local mods=() m ko
+    for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk \
+        crc16 mbcache jbd2 crc32c_generic ext4; do
+        ko=$(cd "$root/lib/modules/$kver" && find kernel -name "$m.ko*" -o -name "${m//_/-}.ko*" | head -n 1)
+        [ -z "$ko" ] || mods+=("$ko")
+    done
+    make_initrd "$root" "$kver" "${mods[@]}" >"$work/stage2-initrd.img"
+    cp "$root/boot/vmlinuz-$kver" "$work/stage2-vmlinuz"
+    cat >"$root/opq-second-stage" <<STAGE
+#!/bin/sh
+# build-rootfs.sh: the second stage of a foreign debootstrap, then the trim, in the machine.
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+ln -sfn /proc/self/fd /dev/fd
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin INITRD=No DEBIAN_FRONTEND=noninteractive
+if /debootstrap/debootstrap --second-stage && root_modules="$root_modules" bash /opq-trim; then
+    echo "opq-second-stage: done"
+else
+    tail -n 30 /debootstrap/debootstrap.log 2>/dev/null
+    echo "opq-second-stage: failed"
+fi
+sync
+busybox poweroff -f
+STAGE
+    { echo 'set -euo pipefail'; declare -f trim; echo trim; } >"$root/opq-trim"
+    chmod 0755 "$root/opq-second-stage"
+    img="$work/stage2.img"
+    mkfs.ext4 -q -F -d "$root" "$img" "$(( $(du -sm "$root" | cut -f1) + 1024 ))M"
+    log="$work/stage2.log"
+    echo "build-rootfs: second stage in qemu-system-aarch64 (console: $log)" >&2
+    timeout 7200 qemu-system-aarch64 -accel tcg,thread=multi -machine virt -cpu cortex-a72 -m 1024 -smp 2 \
+        -nodefaults -no-user-config -display none -no-reboot \
+        -kernel "$work/stage2-vmlinuz" -initrd "$work/stage2-initrd.img" \
+        -append "console=ttyAMA0 root=/dev/vda opq.data=none opq.init=/opq-second-stage" \
+        -drive "file=$img,format=raw,if=virtio,cache=unsafe" -serial "file:$log" </dev/null >&2 || true
+    grep -q "opq-second-stage: done" "$log" || { tail -n 40 "$log" >&2; echo "build-rootfs: the second stage failed" >&2; exit 1; }
+    rm -rf "$root"
+    mkdir -p "$root"
+    debugfs -R "rdump / $root" "$img" >/dev/null 2>&1
+    rm -f "$root/opq-second-stage" "$root/opq-trim"
+    rm -rf "$root/lost+found"
+}
+
+pkgs=systemd,systemd-sysv,udev,kmod,e2fsprogs,dmsetup,busybox-static,$kernel_pkg,bzip2,wget,sudo,python3
+base_key=$( (echo "$pkgs"; echo "$root_modules"; declare -f trim; [ "$arch" = amd64 ] || declare -f second_stage) | sha256sum | cut -c1-12)
+base="target/system/base-$arch-$base_key.tar"
+if [ ! -f "$base" ]; then
+    echo "build-rootfs: debootstrap bookworm $arch from $mirror (minutes; cached in $base)" >&2
+    mkdir -p "$PWD/target/system/debs-$arch"
+    foreign=()
+    [ "$arch" = amd64 ] || foreign=(--foreign)
+    debootstrap "${foreign[@]}" --variant=minbase --arch="$arch" --include="$pkgs" --cache-dir="$PWD/target/system/debs-$arch" \
+        bookworm "$root" "$mirror" >"$work/debootstrap.log" 2>&1 ||
+        { tail -n 30 "$work/debootstrap.log" >&2; echo "build-rootfs: debootstrap failed" >&2; exit 1; }
+    if [ "$arch" = amd64 ]; then
+        mount_api
+        in_root env root_modules="$root_modules" bash -c "$(declare -f trim); set -euo pipefail; trim"
+        umount_api
+    else
+        second_stage
+    fi
+    tar -C "$root" --numeric-owner -cf "$base.tmp" .
+    mv "$base.tmp" "$base"
+    echo "build-rootfs: base tree $(du -sm "$base" | cut -f1) MiB after $(( $(date +%s) - started )) s" >&2
+else
+    mkdir -p "$root"
+    tar -C "$root" --numeric-owner -xf "$base"
+fi
+kver=$(ls "$root/lib/modules")
+
+# The box's own files: config, the stand-in of the original box-config-daemon, network, markers.
+# (From here on only host tools work on the tree, which may be another architecture's.)
+cp -a tests/system/rootfs/. "$root/"
+chown -R root:root "$root/etc" "$root/usr/local"
+useradd --root "$root" --create-home --shell /bin/bash --user-group pi
+pi=$(awk -F: '$1 == "pi" { print $3 ":" $4 }' "$root/etc/passwd")
+chmod 0440 "$root/etc/sudoers.d/010_pi-nopasswd"
+mkdir -p "$root/data" "$root/opt/opq" "$root/var/lib/box-updater" "$root/var/log/opq"
+chown "$pi" "$root/var/log/opq"
+
+# Only the units a box needs. The network is qemu's user network with a fixed address, set by
+# opq-vm-net.service (busybox ip) instead of systemd-networkd; the disks are mounted by the
+# initrd, so nothing waits for udev, which does not run at all.
+units="$root/etc/systemd/system"
+for u in box-config-daemon.service opq-vm-net.service opq-vm-boot.service opq-vm-ready.service; do
+    # shellcheck disable=SC2013 # WantedBy= holds words: unit names
+    for target in $(sed -n 's/^WantedBy=//p' "$units/$u"); do
+        mkdir -p "$units/$target.wants"
+        ln -sfn "/etc/systemd/system/$u" "$units/$target.wants/$u"
+    done
+done
+for u in getty@tty1.service serial-getty@ttyS0.service serial-getty@ttyAMA0.service \
+    systemd-timesyncd.service apt-daily.timer apt-daily-upgrade.timer e2scrub_all.timer e2scrub_reap.service \
+    fstrim.timer dpkg-db-backup.timer systemd-tmpfiles-clean.timer \
+    systemd-networkd.service systemd-networkd.socket systemd-networkd-wait-online.service \
+    systemd-network-generator.service systemd-pstore.service getty-static.service getty.target \
+    systemd-binfmt.service proc-sys-fs-binfmt_misc.automount systemd-update-utmp.service \
+    systemd-update-utmp-runlevel.service systemd-rfkill.socket systemd-journal-flush.service \
+    systemd-sysusers.service systemd-hwdb-update.service ldconfig.service systemd-journal-catalog-update.service \
+    systemd-firstboot.service systemd-random-seed.service systemd-modules-load.service systemd-remount-fs.service \
+    systemd-fsckd.socket systemd-fsckd.service systemd-machine-id-commit.service \
+    sys-kernel-debug.mount sys-kernel-tracing.mount sys-kernel-config.mount sys-fs-fuse-connections.mount \
+    dev-hugepages.mount dev-mqueue.mount modprobe@drm.service modprobe@fuse.service modprobe@configfs.service \
+    modprobe@efi_pstore.service modprobe@loop.service modprobe@dm_mod.service \
+    systemd-udevd.service systemd-udevd-control.socket systemd-udevd-kernel.socket systemd-udev-trigger.service \
+    systemd-udev-settle.service; do
+    ln -sfn /dev/null "$units/$u"
+done
+: >"$root/etc/machine-id"
+# Generators the box has nothing for (each is a process before systemd starts any unit); the
+# fstab generator stays.
+mkdir -p "$root/etc/systemd/system-generators"
+for g in "$root"/lib/systemd/system-generators/*; do
+    case ${g##*/} in systemd-fstab-generator) ;; *) ln -sfn /dev/null "$root/etc/systemd/system-generators/${g##*/}" ;; esac
+done
+
+# The initrd: busybox, the modules that find the disks and the network card, and an /init that
+# mounts the root and the box's data and hands over to systemd. (initramfs-tools' initrd starts
+# udev and waits for it to settle, and a mount of the data disk by systemd would wait for udev
+# again: many seconds under emulation.)
 mkdir -p "$work/out"
-in_root sh -c 'cd /tmp/initrd && find . | sort | cpio --quiet -o -H newc' >"$work/out/initrd.img"
-rm -rf "$initrd"
-umount_api
+mapfile -t order < <(module_order "$root/lib/modules/$kver" "$initrd_modules")
+make_initrd "$root" "$kver" "${order[@]}" >"$work/out/initrd.img"
 
 # The kernel for qemu: on x86_64 the ELF image inside the compressed one, which qemu boots
 # directly (PVH entry); the kernel's own XZ decompression takes many seconds under emulation.

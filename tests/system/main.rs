@@ -74,7 +74,11 @@ fn main() {
     let argv: Vec<String> = std::env::args().collect();
     if argv.get(1).map(String::as_str) == Some("--relay") {
         let port = argv.get(3).and_then(|p| p.parse().ok()).unwrap_or(0);
-        std::process::exit(if vm::relay(port).is_ok() { 0 } else { 1 });
+        if let Err(e) = vm::relay(port) {
+            vm::relay_log(&format!("relay to 127.0.0.1:{port}: {e:#}"));
+            std::process::exit(1);
+        }
+        std::process::exit(0);
     }
     let args = match parse() {
         Ok(Some(a)) => a,

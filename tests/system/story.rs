@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use serde_json::Value;
 
-use crate::bed::{Bed, Release};
+use crate::bed::{Bed, EXTRA_UNIT_NAME, Release};
 use crate::disk;
 
 pub const V0: u64 = 1_800_000_000;
@@ -211,12 +211,14 @@ fn update_rolled_back(bed: &mut Bed, new: u64, back_to: u64) -> Result<(u32, Val
     Ok((on_new, s))
 }
 
-/// Step 5: A release whose service exits 1: not healthy at two boots, then rolled back.
+/// Step 5: A release whose service exits 1: not healthy at two boots, then rolled back. It also
+/// brings a service of its own, which the rollback takes away (checked on the disk at the end).
 fn failing_service(bed: &mut Bed) -> Result<String> {
     bed.publish(
         V2,
         &Release {
             failing_service: true,
+            extra_unit: true,
             ..Release::good()
         },
     )?;
@@ -328,6 +330,19 @@ pub fn check_disk(bed: &mut Bed) -> Result<String> {
             guard.len()
         );
     }
+    // The units of the rolled-back release with a service of its own (step 5) are gone.
+    let (sys_fsck, sys) = disk::check(&bed.system_disk(), &scratch)?;
+    ensure!(sys_fsck.clean, "e2fsck of the system disk:\n{}", sys_fsck.report);
+    let units = disk::ls(&sys, "/etc/systemd/system")?;
+    let wants = disk::ls(&sys, "/etc/systemd/system/multi-user.target.wants")?;
+    ensure!(
+        !units.iter().chain(&wants).any(|u| u == EXTRA_UNIT_NAME),
+        "{EXTRA_UNIT_NAME} of the rolled-back version {V2} is still installed: {units:?} {wants:?}"
+    );
+    ensure!(
+        wants.iter().any(|u| u == "opq-sample.service"),
+        "opq-sample.service is no longer enabled: {wants:?}"
+    );
     let releases = disk::ls(&copy, "/opq/releases")?;
     ensure!(
         !releases.iter().any(|r| r.contains(&V4.to_string())),

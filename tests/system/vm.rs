@@ -86,6 +86,9 @@ pub struct MachineSpec {
 pub struct Machine {
     pub spec: MachineSpec,
     pub boots: u32,
+    /// The program qemu runs per guest connection: a link to this very harness, which a rebuild
+    /// of the tests (cargo replaces the file) cannot take away in the middle of a run.
+    relay: PathBuf,
 }
 
 impl Machine {
@@ -99,7 +102,17 @@ impl Machine {
                 bail!("{} is missing; build the test bed first", f.display());
             }
         }
-        Ok(Machine { spec, boots: 0 })
+        let relay = spec.log_dir.join(".relay");
+        let exe = std::env::current_exe().context("the harness's own path")?;
+        let _ = std::fs::remove_file(&relay);
+        if std::fs::hard_link(&exe, &relay).is_err() {
+            std::fs::copy(&exe, &relay).context("copying the harness for the relays")?;
+        }
+        Ok(Machine {
+            spec,
+            boots: 0,
+            relay,
+        })
     }
 
     fn command(&self, serial: &Path) -> Command {
@@ -151,10 +164,10 @@ impl Machine {
         }
         for g in &s.guest_forwards {
             net.push_str(&format!(
-                ",guestfwd=tcp:{}:{}-cmd:{} 127.0.0.1 {}",
+                ",guestfwd=tcp:{}:{}-cmd:{} --relay 127.0.0.1 {}",
                 g.guest_ip,
                 g.guest_port,
-                relay_command(),
+                self.relay.display(),
                 g.host_port
             ));
         }
@@ -162,6 +175,8 @@ impl Machine {
         c.args(["-device", "virtio-net-pci,netdev=net0"]);
         c.args(["-device", "virtio-rng-pci"]);
         c.arg("-serial").arg(format!("file:{}", serial.display()));
+        // The relays' own errors (their stderr is the guest's connection).
+        c.env(RELAY_LOG, s.log_dir.join("relay.log"));
         c.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -199,12 +214,26 @@ impl Machine {
     }
 }
 
-/// What qemu runs for each guest connection to a guest forward: this harness itself, relaying
-/// its standard input and output to a port on 127.0.0.1 (see `relay`). qemu's chardev form
-/// connects once at start and would share one connection among all of the guest's.
-fn relay_command() -> String {
-    let exe = std::env::current_exe().expect("the harness knows its own path");
-    format!("{} --relay", exe.display())
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.relay);
+    }
+}
+
+/// Where relays report what went wrong (qemu passes its environment on to them).
+const RELAY_LOG: &str = "OPQ_VM_RELAY_LOG";
+
+/// Appends a line to the relays' log, if there is one.
+pub fn relay_log(line: &str) {
+    use std::io::Write;
+    if let Some(path) = std::env::var_os(RELAY_LOG)
+        && let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+    {
+        let _ = writeln!(f, "{} {line}", opq_update::fsutil::unix_now());
+    }
 }
 
 /// `--relay HOST PORT`: copies stdin to a TCP connection to 127.0.0.1:PORT and the answer to
