@@ -93,7 +93,8 @@ impl Proxy {
                     let is_check = line.contains("/version ") || line.contains("/latest ");
                     match fault {
                         Fault::DropFirstCheck
-                            if is_check && check_requests.fetch_add(1, Ordering::SeqCst) % 2 == 0 => {}
+                            if is_check
+                                && check_requests.fetch_add(1, Ordering::SeqCst) % 2 == 0 => {}
                         Fault::RedirectElsewhere if line.contains("/latest") => {
                             let dead = TcpListener::bind("127.0.0.1:0")
                                 .unwrap()
@@ -392,6 +393,9 @@ fn a_check_whose_connection_drops_is_retried() {
     assert!(err.contains("retry 1 of"), "{err}");
     assert_eq!(b.current_version(), Some(V2));
     let asked = proxy.requests.lock().unwrap().clone();
-    let checks = asked.iter().filter(|r| r.starts_with("GET /version ")).count();
+    let checks = asked
+        .iter()
+        .filter(|r| r.starts_with("GET /version "))
+        .count();
     assert_eq!(checks, 2, "{asked:?}");
 }

@@ -105,7 +105,7 @@ make_initrd() {
     shift 2
     dir=$(mktemp -d "$work/initrd-XXXXXX")
     mkdir -p "$dir/bin" "$dir/dev" "$dir/proc" "$dir/sys" "$dir/root" "$dir/lib/modules"
-    cp "$tree/usr/bin/busybox" "$dir/bin/busybox"
+    if [ -f "$tree/usr/bin/busybox" ]; then cp "$tree/usr/bin/busybox" "$dir/bin/"; else cp "$tree/bin/busybox" "$dir/bin/"; fi
     : >"$dir/modules"
     for ko in "$@"; do
         cp "$tree/lib/modules/$kver/$ko" "$dir/lib/modules/"
@@ -159,18 +159,24 @@ INIT
 # A foreign architecture's debootstrap ends in the machine itself (no binfmt_misc on the host):
 # the tree boots under qemu with its own kernel, runs the second stage and `trim`, and powers off.
 second_stage() {
-    local kver img log
-    kver=$(ls "$root/lib/modules")
-    # No modules.dep before the second stage: the few the machine needs, in a fixed order (a
-    # missing one is built in).
-    local mods=() m ko
+    local kver img log boot debs m ko
+    # The kernel and busybox are only unpacked by the second stage: take them from their packages.
+    boot="$work/stage2-boot"
+    debs="$root/var/cache/apt/archives"
+    mkdir -p "$boot"
+    for deb in "$debs"/linux-image-[0-9]*.deb "$debs"/busybox-static_*.deb; do
+        dpkg-deb -x "$deb" "$boot"
+    done
+    kver=$(ls "$boot/lib/modules")
+    # No modules.dep yet: the few the machine needs, in dependency order (a missing one is
+    # built in).
+    local mods=()
     for m in virtio virtio_ring virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci virtio_blk \
         crc16 mbcache jbd2 crc32c_generic ext4; do
-        ko=$(cd "$root/lib/modules/$kver" && find kernel -name "$m.ko*" -o -name "${m//_/-}.ko*" | head -n 1)
+        ko=$(cd "$boot/lib/modules/$kver" && find kernel -name "$m.ko*" -o -name "${m//_/-}.ko*" | head -n 1)
         [ -z "$ko" ] || mods+=("$ko")
     done
-    make_initrd "$root" "$kver" "${mods[@]}" >"$work/stage2-initrd.img"
-    cp "$root/boot/vmlinuz-$kver" "$work/stage2-vmlinuz"
+    make_initrd "$boot" "$kver" "${mods[@]}" >"$work/stage2-initrd.img"
     cat >"$root/opq-second-stage" <<STAGE
 #!/bin/sh
 # build-rootfs.sh: the second stage of a foreign debootstrap, then the trim, in the machine.
@@ -185,25 +191,36 @@ else
     echo "opq-second-stage: failed"
 fi
 sync
-busybox poweroff -f
+/usr/bin/busybox poweroff -f || /bin/busybox poweroff -f
 STAGE
     { echo 'set -euo pipefail'; declare -f trim; echo trim; } >"$root/opq-trim"
     chmod 0755 "$root/opq-second-stage"
     img="$work/stage2.img"
-    mkfs.ext4 -q -F -d "$root" "$img" "$(( $(du -sm "$root" | cut -f1) + 1024 ))M"
-    log="$work/stage2.log"
-    echo "build-rootfs: second stage in qemu-system-aarch64 (console: $log)" >&2
+    mkfs.ext4 -q -F -d "$root" "$img" "$(( $(du -sm "$root" | cut -f1) + 1536 ))M"
+    log="$PWD/target/system/second-stage-$arch.log"
+    echo "build-rootfs: second stage under qemu-system-aarch64 (console: $log)" >&2
     timeout 7200 qemu-system-aarch64 -accel tcg,thread=multi -machine virt -cpu cortex-a72 -m 1024 -smp 2 \
         -nodefaults -no-user-config -display none -no-reboot \
-        -kernel "$work/stage2-vmlinuz" -initrd "$work/stage2-initrd.img" \
+        -kernel "$boot/boot/vmlinuz-$kver" -initrd "$work/stage2-initrd.img" \
         -append "console=ttyAMA0 root=/dev/vda opq.data=none opq.init=/opq-second-stage" \
         -drive "file=$img,format=raw,if=virtio,cache=unsafe" -serial "file:$log" </dev/null >&2 || true
     grep -q "opq-second-stage: done" "$log" || { tail -n 40 "$log" >&2; echo "build-rootfs: the second stage failed" >&2; exit 1; }
+    # The tree back out of the image, entry by entry (debugfs keeps owners and modes).
     rm -rf "$root"
     mkdir -p "$root"
-    debugfs -R "rdump / $root" "$img" >/dev/null 2>&1
+    debugfs -R "ls -p /" "$img" 2>/dev/null | awk -F/ 'NF > 5 && $6 != "." && $6 != ".." && $6 != "lost+found" { print $3, $6 }' |
+        while read -r mode name; do
+            case $mode in
+                120*) ln -s "$(debugfs -R "stat \"/$name\"" "$img" 2>/dev/null | sed -n 's/^Fast link dest: "\(.*\)"$/\1/p')" "$root/$name" ;;
+                040*) debugfs -R "rdump \"/$name\" \"$root\"" "$img" >/dev/null 2>&1 ;;
+                *) debugfs -R "dump -p \"/$name\" \"$root/$name\"" "$img" >/dev/null 2>&1 ;;
+            esac
+        done
     rm -f "$root/opq-second-stage" "$root/opq-trim"
-    rm -rf "$root/lost+found"
+    if [ ! -x "$root/usr/bin/sudo" ] || [ ! -d "$root/usr/lib/modules/$kver" ]; then
+        echo "build-rootfs: the tree did not come back out of $img" >&2
+        exit 1
+    fi
 }
 
 pkgs=systemd,systemd-sysv,udev,kmod,e2fsprogs,dmsetup,busybox-static,$kernel_pkg,bzip2,wget,sudo,python3

@@ -332,7 +332,11 @@ pub fn check_disk(bed: &mut Bed) -> Result<String> {
     }
     // The units of the rolled-back release with a service of its own (step 5) are gone.
     let (sys_fsck, sys) = disk::check(&bed.system_disk(), &scratch)?;
-    ensure!(sys_fsck.clean, "e2fsck of the system disk:\n{}", sys_fsck.report);
+    ensure!(
+        sys_fsck.clean,
+        "e2fsck of the system disk:\n{}",
+        sys_fsck.report
+    );
     let units = disk::ls(&sys, "/etc/systemd/system")?;
     let wants = disk::ls(&sys, "/etc/systemd/system/multi-user.target.wants")?;
     ensure!(
