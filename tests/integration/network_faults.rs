@@ -94,7 +94,9 @@ impl Proxy {
                     match fault {
                         Fault::DropFirstCheck
                             if is_check
-                                && check_requests.fetch_add(1, Ordering::SeqCst) % 2 == 0 => {}
+                                && check_requests
+                                    .fetch_add(1, Ordering::SeqCst)
+                                    .is_multiple_of(2) => {}
                         Fault::RedirectElsewhere if line.contains("/latest") => {
                             let dead = TcpListener::bind("127.0.0.1:0")
                                 .unwrap()
