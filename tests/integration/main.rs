@@ -5,6 +5,7 @@ mod util;
 mod box_updater;
 mod browser;
 mod build_update;
+mod docker;
 mod faults;
 mod hostile_images;
 mod network_faults;
