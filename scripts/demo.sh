@@ -7,7 +7,8 @@
 #     --keep      keep the update server and the box running at the end, until Ctrl-C, so that
 #                 the box's page can be opened in a browser (asked when stdin is a terminal)
 #     --no-keep   stop everything at the end without asking
-# OPQ_DEMO_BIN=DIR runs prebuilt binaries from DIR instead of building them (the tests do).
+# OPQ_DEMO_BIN=DIR runs prebuilt binaries from DIR instead of building them (the tests do), and
+# OPQ_DEMO_MIB=N sets the size of the second image's sample firmware (default 24 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 keep=ask
@@ -33,7 +34,7 @@ else
 fi
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
-work=$(mktemp -d /tmp/opq-demo.XXXXXX)
+work=$(mktemp -d "${TMPDIR:-/tmp}/opq-demo.XXXXXX")
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "1. a signing key and two images (the box runs the first, the server offers the second)"
@@ -42,9 +43,9 @@ mkdir -p "$work/updates" "$work/box/root"
 now=$(date +%s)
 v1=$((now - 60)) v2=$now
 "$bin/build-update" --out "$work/updates" --version "$v1" --sign-key "$work/demo.key" scripts/demo-payload/box-config-daemon 2>/dev/null
-# The second image also carries 24 MiB of measurement firmware, so that its progress shows.
+# The second image also carries measurement firmware (24 MiB), so that its progress shows.
 mkdir -p "$work/box-firmware"
-head -c $((24 << 20)) /dev/urandom >"$work/box-firmware/firmware.bin"
+head -c $((${OPQ_DEMO_MIB:-24} << 20)) /dev/urandom >"$work/box-firmware/firmware.bin"
 image=$("$bin/build-update" --out "$work/staging" --version "$v2" --sign-key "$work/demo.key" scripts/demo-payload/box-config-daemon "$work/box-firmware" 2>/dev/null | tail -n 1)
 tar tvjf "$image"
 

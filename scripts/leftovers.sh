@@ -6,6 +6,7 @@
 # their environment for their title but keep their logs open).
 #
 #   scripts/leftovers.sh [--kill] ID DIR      exit 0: none; 1: some (listed on stderr)
+# LEFTOVERS_WAIT=SECONDS: how long processes on their way out get first (default 10).
 set -uo pipefail
 
 kill=0
@@ -33,7 +34,7 @@ find_them() {
 }
 
 # Processes on their way out (a container's shim, a browser's helpers) get a few seconds.
-deadline=$((SECONDS + 10))
+deadline=$((SECONDS + ${LEFTOVERS_WAIT:-10}))
 while :; do
     left=$(find_them)
     [ -z "$left" ] && exit 0

@@ -10,6 +10,10 @@ say() { echo "test.sh: $*" >&2; }
 fail() { say "$*"; exit 1; }
 SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
+if [ "$(id -u)" -ne 0 ]; then
+    say "NOTE: not root: the container test (a Docker engine of its own) will be SKIPPED; CI runs as root"
+fi
+
 # Debian packages: "command:package", one a line, with what needs them.
 apt_needs=(
     minisign:minisign                             # signatures checked with the reference tool
@@ -87,6 +91,6 @@ if ! env -u OPQ_TEST_RUN bash scripts/leftovers.sh --kill "$run_id" "$run_tmp"; 
     say "FAILED: the tests left processes behind (listed above, now stopped); a test must stop everything it starts"
     status=1
 fi
-rm -rf "$run_tmp"
-[ $status = 0 ] && say "all passed" || say "FAILED (see above)"
+rm -rf "$run_tmp" || say "could not remove $run_tmp (something of the tests is still mounted there?)"
+if [ $status = 0 ]; then say "all passed"; else say "FAILED (see above)"; fi
 exit $status

@@ -108,12 +108,14 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
     let busy = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     {
-        let stop = stop.clone();
+        let (stop, engine) = (stop.clone(), Arc::clone(&engine));
         std::thread::Builder::new()
             .name("signals".into())
             .spawn(move || {
                 if let Ok(sig) = waited.wait() {
                     log::info!("got {sig}, stopping");
+                    // At once, so that a running update starts no further step meanwhile.
+                    engine.request_stop();
                     stop.store(true, Ordering::SeqCst);
                 }
             })
@@ -189,6 +191,7 @@ fn stop_update(engine: &Engine, busy: &AtomicBool) {
     if !busy.load(Ordering::SeqCst) {
         return;
     }
+    // Taken again now: where the update stands after the answers in flight were finished.
     let step = engine.request_stop();
     let critical = |s: Step| {
         matches!(

@@ -7,6 +7,7 @@ mod browser;
 mod build_update;
 mod docker;
 mod faults;
+mod first_use;
 mod hostile_images;
 mod network_faults;
 mod pi;
