@@ -256,7 +256,7 @@ fn serve_stops_cleanly_on_sigterm_and_sigint_finishing_answers_in_flight() {
         std::thread::sleep(Duration::from_millis(300));
         signal(&web.child, sig);
         std::thread::sleep(Duration::from_millis(300));
-        s.write_all(body[10..].as_bytes()).unwrap();
+        s.write_all(&body.as_bytes()[10..]).unwrap();
         let mut answer = String::new();
         s.read_to_string(&mut answer).unwrap();
         assert!(answer.starts_with("HTTP/1.1 200"), "{sig}: {answer}");
