@@ -168,3 +168,58 @@ impl crate::build::Progress for StderrProgress {
         eprintln!("{}: done ({:.1} MiB)", self.label, Self::mib(self.total));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_and_what_to_write_instead() {
+        assert_eq!(
+            parse_listen("127.0.0.1:8080").unwrap(),
+            "127.0.0.1:8080".parse::<SocketAddr>().unwrap()
+        );
+        assert!(parse_listen("[::]:8080").is_ok());
+        for (text, want) in [
+            ("8080", "is a port alone: give ADDR:PORT, e.g. 0.0.0.0:8080"),
+            ("localhost:8080", "give 127.0.0.1:8080"),
+            (":8080", "give the address too, e.g. 0.0.0.0:8080"),
+            ("box.local:80", "\"box.local\" is not an IP address"),
+            ("127.0.0.1", "give ADDR:PORT"),
+            ("127.0.0.1:99999", "give ADDR:PORT"),
+        ] {
+            let err = parse_listen(text).unwrap_err();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn bind_addresses_and_what_to_write_instead() {
+        assert_eq!(parse_ip("::1").unwrap().to_string(), "::1");
+        for (text, want) in [
+            ("localhost", "give 127.0.0.1"),
+            ("LOCALHOST", "give 127.0.0.1"),
+            (
+                "127.0.0.1:8151",
+                "has a port: give the address alone (127.0.0.1)",
+            ),
+            ("", "give an IP address"),
+            ("updates.example.org", "getent hosts updates.example.org"),
+        ] {
+            let err = parse_ip(text).unwrap_err();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_port_in_use_suggests_another() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = listen(taken.local_addr().unwrap(), "--port N").unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("cannot listen on 127.0.0.1:")
+                && msg.contains("choose another port with --port N"),
+            "{msg}"
+        );
+    }
+}
