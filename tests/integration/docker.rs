@@ -212,6 +212,35 @@ fn request(port: u16, method: &str, path: &str, headers: &str) -> (u16, String, 
     (status, head, all[end + 4..].to_vec())
 }
 
+/// `bash SCRIPT` from the repository, for a script that runs cargo: without the variables cargo
+/// sets for this test (CARGO_PKG_NAME, CARGO_MANIFEST_DIR, ...), which build scripts such as
+/// ring's watch, so that the release build scripts/test.sh made first is reused, not redone.
+fn script(root: &Path, name: &str) -> Command {
+    let mut c = Command::new("bash");
+    c.arg(root.join("scripts").join(name)).current_dir(root);
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        let set_by_cargo = [
+            "CARGO_PKG_",
+            "CARGO_MANIFEST_",
+            "CARGO_BIN_",
+            "CARGO_CRATE_",
+        ]
+        .iter()
+        .any(|p| key.starts_with(p))
+            || [
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&&*key);
+        if set_by_cargo {
+            c.env_remove(&*key);
+        }
+    }
+    c
+}
+
 fn chown_tree(path: &Path, uid: u32) {
     sh(path, &format!("chown -R {uid}:{uid} ."));
 }
@@ -237,10 +266,7 @@ fn the_update_server_image_runs_in_a_real_docker_engine() {
     step(&mut t, "engine up");
 
     // The image, built by the documented script; no registry is reachable, and none is needed.
-    let o = run(Command::new("bash")
-        .arg(root.join("scripts/docker-build.sh"))
-        .current_dir(root)
-        .env("DOCKER_HOST", engine.host()));
+    let o = run(script(root, "docker-build.sh").env("DOCKER_HOST", engine.host()));
     assert!(o.status.success(), "docker-build.sh: {}", stderr(&o));
     let size: u64 = engine
         .inspect("opq-update-server", "{{.Size}}")
@@ -426,19 +452,17 @@ fn the_update_server_image_runs_in_a_real_docker_engine() {
     build_image(&d, &served, V1, &["payload/box-config-daemon"], &[]);
     chown_tree(&served, 8152);
     let port = free_port();
-    let mut script = Command::new("bash")
-        .arg(root.join("scripts/docker-run.sh"))
+    let mut run_sh = script(root, "docker-run.sh")
         .arg(&served)
         .arg(port.to_string())
         .arg("127.0.0.1")
-        .current_dir(root)
         .env("DOCKER_HOST", engine.host())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(d.join("docker-run.log")).unwrap())
         .spawn()
         .unwrap();
-    wait_for_port(port, &mut script);
+    wait_for_port(port, &mut run_sh);
     assert_eq!(http_get(port, "/version").2, V1.to_string());
     assert_eq!(
         engine.inspect("opq-update-server", "{{.Config.User}}"),
@@ -453,13 +477,13 @@ fn the_update_server_image_runs_in_a_real_docker_engine() {
     );
     // Ctrl-C: the docker client passes SIGINT on to the server, which stops; --rm removes it.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(script.id() as i32),
+        nix::unistd::Pid::from_raw(run_sh.id() as i32),
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
     let t0 = Instant::now();
     let status = loop {
-        if let Some(s) = script.try_wait().unwrap() {
+        if let Some(s) = run_sh.try_wait().unwrap() {
             break s;
         }
         assert!(
