@@ -452,7 +452,7 @@ fn the_update_server_image_runs_in_a_real_docker_engine() {
     build_image(&d, &served, V1, &["payload/box-config-daemon"], &[]);
     chown_tree(&served, 8152);
     let port = free_port();
-    let mut run_sh = script(root, "docker-run.sh")
+    let run_sh = script(root, "docker-run.sh")
         .arg(&served)
         .arg(port.to_string())
         .arg("127.0.0.1")
@@ -462,7 +462,11 @@ fn the_update_server_image_runs_in_a_real_docker_engine() {
         .stderr(std::fs::File::create(d.join("docker-run.log")).unwrap())
         .spawn()
         .unwrap();
-    wait_for_port(port, &mut run_sh);
+    let mut run_sh = Running {
+        child: run_sh,
+        port,
+    };
+    wait_for_port(port, &mut run_sh.child);
     assert_eq!(http_get(port, "/version").2, V1.to_string());
     assert_eq!(
         engine.inspect("opq-update-server", "{{.Config.User}}"),
@@ -477,13 +481,13 @@ fn the_update_server_image_runs_in_a_real_docker_engine() {
     );
     // Ctrl-C: the docker client passes SIGINT on to the server, which stops; --rm removes it.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(run_sh.id() as i32),
+        nix::unistd::Pid::from_raw(run_sh.child.id() as i32),
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
     let t0 = Instant::now();
     let status = loop {
-        if let Some(s) = run_sh.try_wait().unwrap() {
+        if let Some(s) = run_sh.child.try_wait().unwrap() {
             break s;
         }
         assert!(

@@ -223,8 +223,9 @@ fn a_quoted_port_in_the_settings_variable_is_read_with_a_warning() {
         .spawn()
         .unwrap();
     wait_for_port(port, &mut child);
-    signal(&child, Signal::SIGTERM);
-    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    let mut server = Running { child, port };
+    signal(&server.child, Signal::SIGTERM);
+    assert!(wait_exit(&mut server.child, Duration::from_secs(10)).success());
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains(&format!(
@@ -422,25 +423,48 @@ fn a_stop_lets_an_install_finish_and_leaves_a_download_to_resume() {
     assert!(update_log.contains("resuming at"), "{update_log}");
 }
 
+/// The demo's script, stopped with Ctrl-C (SIGINT) however the test ends: its exit trap stops
+/// what it started.
+struct Demo(Child);
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            signal(&self.0, Signal::SIGINT);
+            let t0 = Instant::now();
+            while let Ok(None) = self.0.try_wait() {
+                if t0.elapsed() > Duration::from_secs(20) {
+                    let _ = self.0.kill();
+                    let _ = self.0.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
 #[test]
 fn the_demo_shows_readable_progress_and_keeps_running_until_ctrl_c() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let bin = Path::new(BOX_UPDATER).parent().unwrap();
-    let mut demo = Command::new("bash")
-        .arg(root.join("scripts/demo.sh"))
-        .arg("--keep")
-        .current_dir(root)
-        .env("OPQ_DEMO_BIN", bin)
-        .env("OPQ_DEMO_MIB", "4")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut demo = Demo(
+        Command::new("bash")
+            .arg(root.join("scripts/demo.sh"))
+            .arg("--keep")
+            .current_dir(root)
+            .env("OPQ_DEMO_BIN", bin)
+            .env("OPQ_DEMO_MIB", "4")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let out = Arc::new(Mutex::new(String::new()));
     for stream in [
-        Box::new(demo.stdout.take().unwrap()) as Box<dyn Read + Send>,
-        Box::new(demo.stderr.take().unwrap()),
+        Box::new(demo.0.stdout.take().unwrap()) as Box<dyn Read + Send>,
+        Box::new(demo.0.stderr.take().unwrap()),
     ] {
         let out = out.clone();
         std::thread::spawn(move || {
@@ -453,7 +477,7 @@ fn the_demo_shows_readable_progress_and_keeps_running_until_ctrl_c() {
     }
     let t0 = Instant::now();
     while !out.lock().unwrap().contains("press Ctrl-C to stop") {
-        if let Some(status) = demo.try_wait().unwrap() {
+        if let Some(status) = demo.0.try_wait().unwrap() {
             panic!("the demo ended ({status}): {}", out.lock().unwrap());
         }
         assert!(
@@ -515,8 +539,8 @@ fn the_demo_shows_readable_progress_and_keeps_running_until_ctrl_c() {
     assert!(work.exists(), "{}", work.display());
 
     // Ctrl-C: everything the demo started stops, and its directory goes.
-    signal(&demo, Signal::SIGINT);
-    let status = wait_exit(&mut demo, Duration::from_secs(20));
+    signal(&demo.0, Signal::SIGINT);
+    let status = wait_exit(&mut demo.0, Duration::from_secs(20));
     assert_eq!(status.code(), Some(130), "{}", out.lock().unwrap());
     assert!(
         TcpStream::connect(("127.0.0.1", port)).is_err(),
@@ -531,17 +555,23 @@ fn leftovers_finds_the_processes_a_test_run_left_behind() {
     let d = Dir::new();
     let id = format!("leftovers-test-{}", std::process::id());
     // One carries the run's marker; the other only works in the run's temp directory.
-    let mut marked = Command::new("sleep")
-        .arg("60")
-        .env("OPQ_TEST_RUN", &id)
-        .spawn()
-        .unwrap();
-    let mut inside = Command::new("sleep")
-        .arg("61")
-        .env_clear()
-        .current_dir(d.path())
-        .spawn()
-        .unwrap();
+    let mut marked = Running {
+        child: Command::new("sleep")
+            .arg("60")
+            .env("OPQ_TEST_RUN", &id)
+            .spawn()
+            .unwrap(),
+        port: 0,
+    };
+    let mut inside = Running {
+        child: Command::new("sleep")
+            .arg("61")
+            .env_clear()
+            .current_dir(d.path())
+            .spawn()
+            .unwrap(),
+        port: 0,
+    };
     let check = |kill: bool| {
         let mut c = Command::new("bash");
         c.arg(root.join("scripts/leftovers.sh"));
@@ -556,7 +586,7 @@ fn leftovers_finds_the_processes_a_test_run_left_behind() {
     };
     let o = check(false);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    for child in [&marked, &inside] {
+    for child in [&marked.child, &inside.child] {
         assert!(
             stderr(&o).contains(&format!(" {} ", child.id())),
             "{} listed: {}",
@@ -566,7 +596,7 @@ fn leftovers_finds_the_processes_a_test_run_left_behind() {
     }
     let o = check(true);
     assert_eq!(o.status.code(), Some(1));
-    assert!(!marked.wait().unwrap().success() && !inside.wait().unwrap().success());
+    assert!(!marked.child.wait().unwrap().success() && !inside.child.wait().unwrap().success());
     let o = check(false);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
 }
