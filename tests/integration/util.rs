@@ -426,3 +426,15 @@ pub fn wait_listed(port: u16, version: u64) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Polls `f` until it holds; panics with `what` after `within`. Returns how long it took.
+pub fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if f() {
+            return t0.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{what}: not within {within:?}");
+}

@@ -4,7 +4,6 @@ use anyhow::{Result, bail};
 
 use super::{Downloading, State, UpToDate};
 use crate::image::Version;
-use crate::updater::config;
 use crate::updater::engine::Engine;
 use crate::updater::http::FetchError;
 
@@ -23,8 +22,8 @@ pub struct Offer {
 
 /// Asks the server without installing anything (the page's check: one try, a quick answer).
 pub fn check(engine: &Engine) -> Result<Offer> {
-    let server = config::updates_ep(&engine.settings.box_config)?;
-    Ok(offer(engine, &server)?)
+    let server = engine.updates_ep()?;
+    offer(engine, &server).map_err(|e| engine.unreachable_hint(e, &server))
 }
 
 /// One question to the server: its newest version against the installed one.
@@ -46,9 +45,11 @@ fn offer(engine: &Engine, server: &str) -> Result<Offer, FetchError> {
 
 impl Checking {
     pub fn handle(self, engine: &Engine) -> Result<State> {
-        let server = config::updates_ep(&engine.settings.box_config)?;
+        let server = engine.updates_ep()?;
         // A box often checks right after its boot, when the network may drop a first connection.
-        let offer = engine.with_retries("the newest version", || offer(engine, &server))?;
+        let offer = engine
+            .with_retries("the newest version", || offer(engine, &server))
+            .map_err(|e| engine.unreachable_hint(e, &server))?;
         let Some(newest) = offer.newest else {
             bail!("the update server at {server} has no image yet");
         };
