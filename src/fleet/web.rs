@@ -55,11 +55,14 @@ fn error(status: u16, message: impl Into<String>) -> Response {
 
 impl Service {
     /// The version of `versions` (published, oldest first) offered to the sender of `req`,
-    /// recorded as offered to it. Without rollouts, the newest, as ever.
+    /// recorded as offered to it. Without rollouts, the newest, as ever. A client without an id
+    /// is recorded only when `anonymous` says its request is an old box's (`/latest`): a monitor
+    /// polling `/version` is not a box.
     pub fn offer(
         &self,
         req: &Request<'_>,
         versions: impl DoubleEndedIterator<Item = u64> + Clone,
+        anonymous: bool,
     ) -> Option<u64> {
         let newest = versions.clone().next_back();
         let Some(fleet) = &self.fleet else {
@@ -73,7 +76,9 @@ impl Service {
             Some(k) if !rollouts.is_empty() => rollouts.offer(versions, k, now),
             _ => newest,
         };
-        if let (Some(k), Some(v)) = (&key, offered) {
+        if let (Some(k), Some(v)) = (&key, offered)
+            && (c.id.is_some() || anonymous)
+        {
             fleet.touch(k, &c, Touch::Offered(v), now);
         }
         offered
@@ -291,12 +296,12 @@ pub struct View {
 }
 
 /// The whole fleet, newest seen first, with counts per version and each release's progress
-/// (the newest published one, and every one with a rollout).
+/// (every published one, and every one with a rollout).
 pub fn build_view(fleet: &Fleet, versions: &[u64], now: u64) -> View {
     let newest = versions.last().copied();
     let rollouts = fleet.rollouts();
     let mut release_versions: Vec<u64> = rollouts.by_version.keys().copied().collect();
-    release_versions.extend(newest);
+    release_versions.extend_from_slice(versions);
     release_versions.sort_unstable();
     release_versions.dedup();
     let mut progress: BTreeMap<u64, Progress> = release_versions

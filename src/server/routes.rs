@@ -68,8 +68,10 @@ impl App {
     }
 
     /// The image offered to the sender of `req`: the newest, unless a rollout says otherwise.
-    fn offered(&self, req: &Request<'_>, snap: &Snapshot) -> Option<Arc<Image>> {
-        let v = self.fleet.offer(req, snap.images.keys().map(|v| v.get()))?;
+    fn offered(&self, req: &Request<'_>, snap: &Snapshot, latest: bool) -> Option<Arc<Image>> {
+        let v = self
+            .fleet
+            .offer(req, snap.images.keys().map(|v| v.get()), latest)?;
         snap.images.get(&Version::new(v).ok()?).cloned()
     }
 
@@ -85,7 +87,7 @@ impl App {
 
     fn version(&self, req: &Request<'_>) -> Response {
         let snap = self.index.snapshot();
-        self.offer_headers(match self.offered(req, &snap) {
+        self.offer_headers(match self.offered(req, &snap, false) {
             Some(img) => Response::text(200, img.name.version().to_string()),
             None => Response::text(404, NO_IMAGE),
         })
@@ -93,7 +95,7 @@ impl App {
 
     fn latest(&self, req: &Request<'_>) -> Response {
         let snap = self.index.snapshot();
-        self.offer_headers(match self.offered(req, &snap) {
+        self.offer_headers(match self.offered(req, &snap, true) {
             Some(img) => {
                 let location = match &self.public_base_url {
                     Some(base) => format!("{base}/{}", img.name.file_name()),

@@ -6,6 +6,7 @@ mod box_updater;
 mod browser;
 mod build_update;
 mod faults;
+mod fleet;
 mod hostile_images;
 mod network_faults;
 mod pi;
