@@ -113,10 +113,11 @@ impl Rollout {
         }
         Some(format!(
             "halted automatically: {failed} of {reported} boxes that reported on version {} \
-             failed or rolled back ({}); the threshold is {} boxes and {}",
+             failed or rolled back ({}); the threshold is {} {} and {}",
             self.version,
             percent(share as u32),
             self.halt_failures,
+            if self.halt_failures == 1 { "box" } else { "boxes" },
             percent(self.halt_share)
         ))
     }
