@@ -146,7 +146,7 @@ fn decide(
 /// Seconds as the shortest exact unit: "90s", "15m", "2h", "1d".
 pub fn duration_text(secs: u64) -> String {
     for (unit, n) in [("d", 86_400), ("h", 3600), ("m", 60)] {
-        if secs >= n && secs % n == 0 {
+        if secs >= n && secs.is_multiple_of(n) {
             return format!("{}{unit}", secs / n);
         }
     }

@@ -2,7 +2,7 @@
 //! and report in a few hundred nanoseconds under one of several locks, and marked for the store's
 //! next batch. Requests never wait on the database; the database only ever catches up.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -446,6 +446,13 @@ impl Fleet {
         }
     }
 
+    /// Calls `f` with the record of `key`, if it is there, under its shard's lock.
+    pub fn with(&self, key: &str, f: impl FnOnce(&BoxRecord)) {
+        if let Some(e) = lock(self.shard(key)).boxes.get(key) {
+            f(&e.rec);
+        }
+    }
+
     /// One box's record.
     pub fn get(&self, key: &str) -> Option<BoxRecord> {
         lock(self.shard(key)).boxes.get(key).map(|e| e.rec.clone())
@@ -516,13 +523,6 @@ impl Progress {
             }
         }
     }
-}
-
-/// Boxes per installed version (`None`: not known, as for old boxes).
-pub fn version_counts(fleet: &Fleet) -> BTreeMap<Option<u64>, u32> {
-    let mut out = BTreeMap::new();
-    fleet.for_each(|_, rec| *out.entry(rec.version).or_insert(0) += 1);
-    out
 }
 
 #[cfg(test)]

@@ -117,7 +117,11 @@ impl Rollout {
             self.version,
             percent(share as u32),
             self.halt_failures,
-            if self.halt_failures == 1 { "box" } else { "boxes" },
+            if self.halt_failures == 1 {
+                "box"
+            } else {
+                "boxes"
+            },
             percent(self.halt_share)
         ))
     }

@@ -159,7 +159,7 @@ impl Worker {
             }
             Err(e) => {
                 self.fleet.requeue(batch.into_iter().map(|(k, _)| k));
-                Err(e.context(format!("writing box records")))
+                Err(e.context("writing box records"))
             }
         }
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::model::{Client, Fleet, Progress, Refusal, StoreHealth, Touch};
+use super::model::{BoxRecord, Client, Fleet, Progress, Refusal, StoreHealth, Touch};
 use super::protocol::{BoxHeaders, MAX_REPORT_BYTES, Report};
 use super::rollout::{Rollout, percent};
 use crate::fsutil::unix_now;
@@ -207,7 +207,12 @@ impl Service {
                 ),
             );
         };
-        json(200, &build_view(fleet, versions, unix_now()))
+        Response::new(
+            200,
+            "application/json",
+            view_json(fleet, versions, unix_now()),
+        )
+        .with_header("Cache-Control", "no-store")
     }
 }
 
@@ -218,34 +223,55 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-#[derive(Serialize)]
-pub struct SuccessView {
-    pub version: u64,
-    pub at: u64,
+/// One box as `/fleet.json` shows it, serialized straight from its record.
+struct BoxJson<'a> {
+    key: &'a str,
+    rec: &'a BoxRecord,
 }
 
-#[derive(Serialize)]
-pub struct ReportView {
-    #[serde(flatten)]
-    pub report: Report,
-    pub received_at: u64,
-}
-
-#[derive(Serialize)]
-pub struct BoxView {
-    pub key: String,
-    pub id: Option<String>,
-    pub address: Option<String>,
-    pub user_agent: Option<String>,
-    pub version: Option<u64>,
-    pub state: Option<&'static str>,
-    pub message: Option<String>,
-    pub first_seen: u64,
-    pub last_seen: u64,
-    pub offered: Option<u64>,
-    pub downloaded: Option<u64>,
-    pub last_success: Option<SuccessView>,
-    pub last_report: Option<ReportView>,
+impl Serialize for BoxJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        #[derive(Serialize)]
+        struct Success {
+            version: u64,
+            at: u64,
+        }
+        #[derive(Serialize)]
+        struct LastReport<'a> {
+            #[serde(flatten)]
+            report: &'a Report,
+            received_at: u64,
+        }
+        let r = self.rec;
+        let mut m = s.serialize_map(Some(13))?;
+        m.serialize_entry("key", self.key)?;
+        m.serialize_entry("id", &r.id)?;
+        m.serialize_entry("address", &r.address)?;
+        m.serialize_entry("user_agent", &r.user_agent)?;
+        m.serialize_entry("version", &r.version)?;
+        m.serialize_entry("state", &r.state.map(|s| s.name()))?;
+        m.serialize_entry("message", &r.report.as_ref().map(|x| x.message.as_str()))?;
+        m.serialize_entry("first_seen", &r.first_seen)?;
+        m.serialize_entry("last_seen", &r.last_seen)?;
+        m.serialize_entry("offered", &r.offered)?;
+        m.serialize_entry("downloaded", &r.downloaded)?;
+        m.serialize_entry(
+            "last_success",
+            &r.last_success.map(|version| Success {
+                version,
+                at: r.last_success_at,
+            }),
+        )?;
+        m.serialize_entry(
+            "last_report",
+            &r.report.as_ref().map(|report| LastReport {
+                report,
+                received_at: r.reported_at,
+            }),
+        )?;
+        m.end()
+    }
 }
 
 #[derive(Serialize)]
@@ -285,19 +311,21 @@ pub struct StoreView {
     pub pending: usize,
 }
 
+/// Everything in `/fleet.json` but the boxes.
 #[derive(Serialize)]
-pub struct View {
-    pub generated_at: u64,
-    pub newest: Option<u64>,
-    pub boxes: Vec<BoxView>,
-    pub versions: Vec<VersionCount>,
-    pub releases: Vec<ReleaseView>,
-    pub store: StoreView,
+struct Summary {
+    generated_at: u64,
+    newest: Option<u64>,
+    versions: Vec<VersionCount>,
+    releases: Vec<ReleaseView>,
+    store: StoreView,
 }
 
-/// The whole fleet, newest seen first, with counts per version and each release's progress
-/// (every published one, and every one with a rollout).
-pub fn build_view(fleet: &Fleet, versions: &[u64], now: u64) -> View {
+/// `/fleet.json`: the whole fleet, last seen first, with counts per version and each release's
+/// progress (every published one, and every one with a rollout). Boxes are written straight from
+/// their records, one shard lock at a time, so that 10 000 of them take milliseconds and no
+/// copy of the fleet.
+pub fn view_json(fleet: &Fleet, versions: &[u64], now: u64) -> Vec<u8> {
     let newest = versions.last().copied();
     let rollouts = fleet.rollouts();
     let mut release_versions: Vec<u64> = rollouts.by_version.keys().copied().collect();
@@ -309,35 +337,15 @@ pub fn build_view(fleet: &Fleet, versions: &[u64], now: u64) -> View {
         .map(|&v| (v, Progress::default()))
         .collect();
     let mut counts: BTreeMap<Option<u64>, u32> = BTreeMap::new();
-    let mut boxes = Vec::with_capacity(fleet.len());
+    let mut order: Vec<(u64, String)> = Vec::with_capacity(fleet.len());
     fleet.for_each(|key, rec| {
         for (&v, p) in progress.iter_mut() {
             p.add(v, rec);
         }
         *counts.entry(rec.version).or_insert(0) += 1;
-        boxes.push(BoxView {
-            key: key.to_string(),
-            id: rec.id.clone(),
-            address: rec.address.map(|a| a.to_string()),
-            user_agent: rec.user_agent.clone(),
-            version: rec.version,
-            state: rec.state.map(|s| s.name()),
-            message: rec.report.as_ref().map(|r| r.message.clone()),
-            first_seen: rec.first_seen,
-            last_seen: rec.last_seen,
-            offered: rec.offered,
-            downloaded: rec.downloaded,
-            last_success: rec.last_success.map(|version| SuccessView {
-                version,
-                at: rec.last_success_at,
-            }),
-            last_report: rec.report.clone().map(|report| ReportView {
-                report,
-                received_at: rec.reported_at,
-            }),
-        });
+        order.push((rec.last_seen, key.to_string()));
     });
-    boxes.sort_unstable_by(|a, b| b.last_seen.cmp(&a.last_seen).then(a.key.cmp(&b.key)));
+    order.sort_unstable_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
     let releases = release_versions
         .iter()
         .rev()
@@ -362,10 +370,9 @@ pub fn build_view(fleet: &Fleet, versions: &[u64], now: u64) -> View {
             }
         })
         .collect();
-    View {
+    let summary = Summary {
         generated_at: now,
         newest,
-        boxes,
         versions: counts
             .into_iter()
             .rev()
@@ -376,5 +383,85 @@ pub fn build_view(fleet: &Fleet, versions: &[u64], now: u64) -> View {
             health: fleet.health(),
             pending: fleet.pending(),
         },
+    };
+    let rest = serde_json::to_vec(&summary).expect("plain data serializes");
+    // `{"boxes":[...],` and the summary's members after its `{`.
+    let mut out = Vec::with_capacity(rest.len() + order.len() * 320);
+    out.extend_from_slice(b"{\"boxes\":[");
+    let mut first = true;
+    for (_, key) in &order {
+        fleet.with(key, |rec| {
+            if !std::mem::take(&mut first) {
+                out.push(b',');
+            }
+            serde_json::to_writer(&mut out, &BoxJson { key, rec }).expect("plain data serializes");
+        });
+    }
+    out.extend_from_slice(b"],");
+    out.extend_from_slice(&rest[1..]);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::protocol::Outcome;
+
+    #[test]
+    fn the_view_is_json_with_every_box_last_seen_first() {
+        let f = Fleet::new(100);
+        let client = |id| Client {
+            id: Some(id),
+            address: Some("10.0.0.2".parse().unwrap()),
+            user_agent: Some("box-updater/0.1.0"),
+            version: Some(5),
+            state: None,
+        };
+        f.touch("id:a", &client("a"), Touch::Offered(6), 100);
+        f.touch("id:b", &client("b"), Touch::Seen, 300);
+        let old = Client {
+            address: Some("10.0.0.9".parse().unwrap()),
+            user_agent: Some("Wget/1.21 \"quoted\""),
+            ..Client::default()
+        };
+        f.touch("addr:10.0.0.9", &old, Touch::Downloaded(6), 200);
+        let report = Report {
+            v: 1,
+            box_id: "a".into(),
+            outcome: Outcome::RolledBack,
+            target_version: Some(6),
+            running_version: Some(5),
+            previous_version: Some(5),
+            step: None,
+            message: "not healthy \"at all\"".into(),
+            started_at: None,
+            finished_at: None,
+            durations_ms: [("rebooting".to_string(), 40_000)].into(),
+        };
+        f.report("id:a", &client("a"), report, 400).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&view_json(&f, &[5, 6], 500)).unwrap();
+        let keys: Vec<&str> = v["boxes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["key"].as_str().unwrap())
+            .collect();
+        assert_eq!(keys, ["id:a", "id:b", "addr:10.0.0.9"]);
+        let a = &v["boxes"][0];
+        assert_eq!(a["state"], "rolled_back");
+        assert_eq!(a["message"], "not healthy \"at all\"");
+        assert_eq!(a["last_report"]["durations_ms"]["rebooting"], 40_000);
+        assert_eq!(a["last_report"]["received_at"], 400);
+        assert_eq!(v["boxes"][2]["user_agent"], "Wget/1.21 \"quoted\"");
+        assert_eq!(v["newest"], 6);
+        assert_eq!(v["releases"][0]["version"], 6);
+        assert_eq!(v["releases"][0]["rolled_back"], 1);
+        assert_eq!(v["releases"][0]["downloaded"], 1);
+        assert_eq!(v["releases"][1]["running"], 2);
+        assert_eq!(
+            v["versions"],
+            serde_json::json!([{"version": 5, "boxes": 2}, {"version": null, "boxes": 1}])
+        );
+        assert_eq!(v["store"]["pending"], 3);
     }
 }
