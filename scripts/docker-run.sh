@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds the update-server image and runs it with a host directory of images mounted at the
-# container's /var/opq/box-updates (read-only: the server never writes there).
+# container's /var/opq/box-updates (read-only: the server never writes there), and the fleet's
+# database in FLEET_DIR (default: DIR.fleet beside it) at /var/lib/opq-fleet. Pass the operator's
+# token for /fleet as FLEET_TOKEN.
 #
 #   scripts/docker-run.sh [DIR] [PORT]        default: /var/opq/box-updates 8151
 #
@@ -16,6 +18,9 @@ if [ ! -d "$dir" ]; then
     exit 1
 fi
 dir=$(realpath "$dir")
+fleet_dir=${FLEET_DIR:-$dir.fleet}
+mkdir -p "$fleet_dir"
+chown "$(stat -c %u:%g "$dir")" "$fleet_dir"
 command -v docker >/dev/null 2>&1 || {
     echo "docker-run.sh: docker is not installed" >&2
     exit 1
@@ -26,4 +31,5 @@ exec docker run --rm --name opq-update-server \
     --user "$(stat -c %u:%g "$dir")" \
     -p "$port:8151" \
     -v "$dir:/var/opq/box-updates:ro" \
-    opq-update-server
+    -v "$fleet_dir:/var/lib/opq-fleet" \
+    opq-update-server ${FLEET_TOKEN:+--fleet-token "$FLEET_TOKEN"}

@@ -14,6 +14,8 @@ done
 command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf)
 [ -d /usr/aarch64-linux-gnu/lib ] || need_apt+=(libc6-dev-arm64-cross)
 [ -d /usr/arm-linux-gnueabihf/lib ] || need_apt+=(libc6-dev-armhf-cross)
+# The fleet's tests start a PostgreSQL server of their own with initdb and pg_ctl.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "test.sh: installing ${need_apt[*]}" >&2
     SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo

@@ -360,13 +360,20 @@ impl Fleet {
         Ok(())
     }
 
-    /// The records changed since the last call, for the store; they count as written from now.
-    pub fn take_dirty(&self) -> Vec<(String, BoxRecord)> {
+    /// Up to `max` records changed since they were last taken, for the store; they count as
+    /// written from now.
+    pub fn take_dirty(&self, max: usize) -> Vec<(String, BoxRecord)> {
         let mut out = Vec::new();
         for s in &self.shards {
+            let room = max - out.len();
+            if room == 0 {
+                break;
+            }
             let mut shard = lock(s);
             let shard = &mut *shard;
-            for key in std::mem::take(&mut shard.dirty) {
+            let n = shard.dirty.len().min(room);
+            let keys: Vec<String> = shard.dirty.drain(..n).collect();
+            for key in keys {
                 if let Some(e) = shard.boxes.get_mut(&key) {
                     e.dirty = false;
                     e.written_seen = e.rec.last_seen;
@@ -560,19 +567,22 @@ mod tests {
         let f = Fleet::new(10);
         let c = client("b1");
         f.touch("id:b1", &c, Touch::Seen, 1000);
-        assert_eq!(f.take_dirty().len(), 1);
+        assert_eq!(f.take_dirty(usize::MAX).len(), 1);
         f.touch("id:b1", &c, Touch::Seen, 1001);
-        assert!(f.take_dirty().is_empty(), "only last_seen changed");
+        assert!(
+            f.take_dirty(usize::MAX).is_empty(),
+            "only last_seen changed"
+        );
         f.touch("id:b1", &c, Touch::Offered(200), 1002);
-        let batch = f.take_dirty();
+        let batch = f.take_dirty(usize::MAX);
         assert_eq!(batch[0].1.offered, Some(200));
         f.touch("id:b1", &c, Touch::Seen, 1001 + SEEN_WRITE_SECS);
         assert!(
-            f.take_dirty().is_empty(),
+            f.take_dirty(usize::MAX).is_empty(),
             "not yet a minute after the last write"
         );
         f.touch("id:b1", &c, Touch::Seen, 1002 + SEEN_WRITE_SECS);
-        assert_eq!(f.take_dirty().len(), 1, "seen a minute later");
+        assert_eq!(f.take_dirty(usize::MAX).len(), 1, "seen a minute later");
         assert_eq!(f.get("id:b1").unwrap().last_seen, 1002 + SEEN_WRITE_SECS);
     }
 

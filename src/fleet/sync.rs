@@ -19,6 +19,8 @@ use crate::fsutil::unix_now;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// How often rollouts and other servers' writes are read, and halts decided.
 pub const PULL_EVERY: Duration = Duration::from_secs(1);
+/// Records per write: bounds the copies a write holds, whatever the number of boxes.
+const BATCH_MAX: usize = 2000;
 /// Other servers' rows are read again this far back, for transactions that committed late.
 const PULL_OVERLAP_MS: u64 = 5_000;
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -145,21 +147,28 @@ impl Worker {
         }
     }
 
+    /// Writes every changed record, a bounded batch at a time.
     fn flush(&mut self) -> Result<()> {
-        let batch = self.fleet.take_dirty();
-        if batch.is_empty() {
-            return Ok(());
-        }
-        match self.store.upsert_boxes(&batch, &self.origin, now_ms()) {
-            Ok(merged) => {
-                log::debug!("fleet: wrote {} box records", batch.len());
-                self.fleet.absorb(merged, unix_now());
-                self.fleet.set_health(|h| h.last_write = Some(unix_now()));
-                Ok(())
+        loop {
+            let batch = self.fleet.take_dirty(BATCH_MAX);
+            if batch.is_empty() {
+                return Ok(());
             }
-            Err(e) => {
-                self.fleet.requeue(batch.into_iter().map(|(k, _)| k));
-                Err(e.context("writing box records"))
+            let full = batch.len() == BATCH_MAX;
+            match self.store.upsert_boxes(&batch, &self.origin, now_ms()) {
+                Ok(merged) => {
+                    log::debug!("fleet: wrote {} box records", batch.len());
+                    drop(batch);
+                    self.fleet.absorb(merged, unix_now());
+                    self.fleet.set_health(|h| h.last_write = Some(unix_now()));
+                }
+                Err(e) => {
+                    self.fleet.requeue(batch.into_iter().map(|(k, _)| k));
+                    return Err(e.context("writing box records"));
+                }
+            }
+            if !full {
+                return Ok(());
             }
         }
     }
