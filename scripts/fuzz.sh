@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-15}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(image_name sha256sums unpack http_request)
+[ ${#targets[@]} -gt 0 ] || targets=(image_name sha256sums unpack http_request fleet_report)
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install --locked --quiet cargo-fuzz
 toolchain=+nightly
 # Without a sanitizer the build takes half the time; FUZZ_SANITIZER=address for long runs.

@@ -77,7 +77,9 @@ function request()
   local id = "bench-" .. (n % $boxes)
   local h = { ["X-OPQ-Box-Id"] = id, ["X-OPQ-Box-Version"] = "$v1", ["X-OPQ-Box-State"] = "idle",
               ["User-Agent"] = "box-updater/0.1.0 (bench)" }
-  if n % $every == 0 then
+  -- Shifted by one each pass over the boxes, so that every box reports in turn (not only
+  -- those whose number shares a factor with $every).
+  if (n + math.floor(n / $boxes)) % $every == 0 then
     h["Content-Type"] = "application/json"
     local outcome = (n % 64 == 0) and "failed" or "committed"
     local body = '{"v":1,"box_id":"' .. id .. '","outcome":"' .. outcome .. '","target_version":$v2,' ..
@@ -103,7 +105,7 @@ LUA
 # Today's requests, through the same Lua machinery, so that both sides pay the same client cost
 # on this machine's cores: the difference is the server's.
 sed -e 's/^  local h = {.*/  local h = {}/' -e '/^              \["User-Agent"\]/d' \
-    -e 's/^  if n % [0-9]* == 0 then/  if false then/' "$work/boxes.lua" >"$work/plain.lua"
+    -e 's/^  if (n + .* == 0 then/  if false then/' "$work/boxes.lua" >"$work/plain.lua"
 
 rps() { # port script -> requests/s (and the script's line on stderr)
     local out
