@@ -71,6 +71,7 @@ struct RolloutArgs {
 }
 
 #[derive(Args)]
+#[command(next_help_heading = "Server and database")]
 struct Opts {
     /// Directory of opq-box-update-<VERSION>.tar.bz2 images and their sidecars
     /// [default: /var/opq/box-updates].

@@ -66,7 +66,15 @@ fn connect(config: &postgres::Config) -> Result<Client> {
         // The driver's Display of a server error is "db error"; the detail is in its source.
         let detail = match e.as_db_error() {
             Some(db) => db.message().to_string(),
-            None => format!("{e}"),
+            None => {
+                let mut text = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    text.push_str(&format!(": {c}"));
+                    cause = c.source();
+                }
+                text
+            }
         };
         anyhow::anyhow!("{detail}")
     })
