@@ -63,9 +63,17 @@ pub struct BoxRecord {
 }
 
 impl BoxRecord {
-    /// Takes from `other` each field group it has newer; the database's upsert does the same.
+    /// Takes from `other` each field group it has newer, or as new; the database's upsert does
+    /// the same.
     pub fn merge(&mut self, other: &BoxRecord) {
-        if other.last_seen >= self.last_seen {
+        self.merge_with(other, true);
+    }
+
+    /// The same; on a tie, `other` wins only if `ties` (memory changed since the row was
+    /// written keeps what it has: the change goes to the database next).
+    fn merge_with(&mut self, other: &BoxRecord, ties: bool) {
+        let newer = |theirs: u64, ours: u64| theirs > ours || (ties && theirs == ours);
+        if newer(other.last_seen, self.last_seen) {
             self.id.clone_from(&other.id);
             self.address = other.address;
             self.user_agent.clone_from(&other.user_agent);
@@ -76,20 +84,20 @@ impl BoxRecord {
         if self.first_seen == 0 || (other.first_seen != 0 && other.first_seen < self.first_seen) {
             self.first_seen = other.first_seen;
         }
-        if other.offered_at >= self.offered_at {
+        if newer(other.offered_at, self.offered_at) {
             self.offered = other.offered;
             self.offered_at = other.offered_at;
         }
-        if other.downloaded_at >= self.downloaded_at {
+        if newer(other.downloaded_at, self.downloaded_at) {
             self.downloaded = other.downloaded;
             self.downloaded_at = other.downloaded_at;
         }
-        if other.reported_at >= self.reported_at {
+        if newer(other.reported_at, self.reported_at) {
             self.report.clone_from(&other.report);
             self.attempts.clone_from(&other.attempts);
             self.reported_at = other.reported_at;
         }
-        if other.last_success_at >= self.last_success_at {
+        if newer(other.last_success_at, self.last_success_at) {
             self.last_success = other.last_success;
             self.last_success_at = other.last_success_at;
         }
@@ -405,7 +413,7 @@ impl Fleet {
             let shard = &mut *shard;
             match shard.boxes.get_mut(&key) {
                 Some(e) => {
-                    e.rec.merge(&row);
+                    e.rec.merge_with(&row, !e.dirty);
                     e.written_seen = e.written_seen.max(row.last_seen);
                 }
                 None => {
@@ -656,5 +664,16 @@ mod tests {
         let before = a.clone();
         a.merge(&before);
         assert_eq!(a, before, "merging is idempotent");
+
+        // A box changed again within the same second as the row that comes back from the
+        // database keeps its change.
+        let f = Fleet::new(10);
+        let mut c = client("b1");
+        f.touch("id:b1", &c, Touch::Seen, 50);
+        let written = f.take_dirty(usize::MAX);
+        c.state = Some(Step::Downloading);
+        f.touch("id:b1", &c, Touch::Seen, 50);
+        f.absorb(written, 50);
+        assert_eq!(f.get("id:b1").unwrap().state, Some(Step::Downloading));
     }
 }
