@@ -3,9 +3,10 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
-use opq_update::cli::{exit_with_error, init_logging};
+use opq_update::cli::{exit_with_error, init_logging, parse_ip};
 use opq_update::fleet::admin::{self, Change, Defaults};
 use opq_update::fleet::rollout::parse_percent;
 use opq_update::fleet::store;
@@ -34,6 +35,10 @@ enum Command {
     Rollout(RolloutArgs),
     /// Lists the rollouts and where each stands.
     Rollouts,
+    /// Asks the running server for GET / on its own address and port (from the same flags and
+    /// BOX_UPDATE_SERVER_SETTINGS): exit 0 when it answers healthy, 1 otherwise. For a
+    /// container's HEALTHCHECK.
+    Healthcheck,
 }
 
 #[derive(Args)]
@@ -81,7 +86,7 @@ struct Opts {
     #[arg(long, global = true, value_name = "N")]
     port: Option<u16>,
     /// Address to listen on [default: 0.0.0.0].
-    #[arg(long, global = true, value_name = "ADDR")]
+    #[arg(long, global = true, value_name = "ADDR", value_parser = parse_ip)]
     bind: Option<IpAddr>,
     /// Seconds a client may stay silent, or leave a download unread, before it is dropped
     /// [default: 30].
@@ -107,6 +112,7 @@ fn rollout(settings: &Settings, command: Command) -> anyhow::Result<String> {
     let args = match command {
         Command::Rollouts => return Ok(admin::list(&store.load_rollouts()?, now)),
         Command::Rollout(args) => args,
+        Command::Healthcheck => unreachable!("not a rollout command"),
     };
     let change = if args.resume {
         Change::Resume
@@ -168,17 +174,16 @@ fn main() {
     };
     let settings = match Settings::from_env(flags) {
         Ok(s) => s,
-        Err(e) => exit_with_error("update-server", &e, 1),
+        Err(e) => exit_with_error("update-server", &e, 2),
     };
-    match cli.command {
-        None => {
-            if let Err(e) = server::run(settings) {
-                exit_with_error("update-server", &e, 1);
-            }
+    let result = match cli.command {
+        None => server::run(settings),
+        Some(Command::Healthcheck) => {
+            server::health::check(&settings, Duration::from_secs(4)).map(|line| println!("{line}"))
         }
-        Some(command) => match rollout(&settings, command) {
-            Ok(line) => println!("{line}"),
-            Err(e) => exit_with_error("update-server", &e, 1),
-        },
+        Some(command) => rollout(&settings, command).map(|line| println!("{line}")),
+    };
+    if let Err(e) = result {
+        exit_with_error("update-server", &e, 1);
     }
 }

@@ -180,17 +180,6 @@ fn parse_reply(all: &[u8], to_head: bool) -> (Reply, &[u8]) {
 }
 
 /// Polls `f` until it holds or `within` passes; returns how long it took.
-fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    while t0.elapsed() < within {
-        if f() {
-            return t0.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{what}: not within {within:?}");
-}
-
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))
@@ -958,22 +947,17 @@ fn the_container_settings_are_what_the_server_reads() {
     let v: serde_json::Value = serde_json::from_str(json).unwrap();
     assert_eq!(v["port"], 8151);
     assert_eq!(v["updates_dir"], "/var/opq/box-updates");
-    assert_eq!(v["database"], "/var/lib/opq-fleet/fleet.sqlite");
     assert!(
-        dockerfile.contains("VOLUME /var/opq/box-updates /var/lib/opq-fleet")
-            && dockerfile.contains("EXPOSE 8151")
+        dockerfile.contains("VOLUME /var/opq/box-updates") && dockerfile.contains("EXPOSE 8151")
     );
 
-    // The container's settings, with the directory, port and database moved by flags for the
-    // test.
+    // The container's settings, with the directory and port moved by flags for the test.
     let (_d, updates) = setup();
     fs::write(updates.join(image_name(V1)), b"x").unwrap();
     let mut c = cmd(UPDATE_SERVER);
     c.env("BOX_UPDATE_SERVER_SETTINGS", json)
         .args(["--bind", "127.0.0.1", "--port", "0", "--dir"])
-        .arg(&updates)
-        .arg("--database")
-        .arg(updates.with_extension("sqlite"));
+        .arg(&updates);
     let s = spawn_env(c);
     assert_eq!(s.get("/version").text(), V1.to_string());
 }

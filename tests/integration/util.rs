@@ -629,3 +629,15 @@ impl Drop for Postgres {
             .args(["-m", "fast", "-w", "-t", "30", "stop"]));
     }
 }
+
+/// Polls `f` until it holds; panics with `what` after `within`. Returns how long it took.
+pub fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while t0.elapsed() < within {
+        if f() {
+            return t0.elapsed();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("{what}: not within {within:?}");
+}
