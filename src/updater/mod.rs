@@ -8,6 +8,7 @@ pub mod http;
 pub mod layout;
 pub mod lock;
 pub mod log;
+pub mod report;
 pub mod states;
 pub mod status;
 pub mod web;
