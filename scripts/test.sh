@@ -41,6 +41,8 @@ for pair in "${apt_needs[@]}"; do
 done
 [ -d /usr/aarch64-linux-gnu/lib ] || missing+=(libc6-dev-arm64-cross)
 [ -d /usr/arm-linux-gnueabihf/lib ] || missing+=(libc6-dev-armhf-cross)
+# The fleet's tests start a PostgreSQL server of their own with initdb and pg_ctl.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
     { $SUDO apt-get update -qq &&

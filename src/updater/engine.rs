@@ -9,12 +9,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::archive::unpack::Limits;
+use crate::fleet::protocol::{Outcome as ReportOutcome, PROTOCOL_VERSION, Report};
 use crate::fsutil::unix_now;
 use crate::image::Version;
 use crate::updater::http::{FetchError, Http, HttpOptions};
 use crate::updater::layout::Layout;
 use crate::updater::lock::{LockError, UpdateLock};
 use crate::updater::log::UpdateLog;
+use crate::updater::report::{self, Outbox};
 use crate::updater::states::{State, Transition};
 use crate::updater::status::{Outcome, Pending, Status, StatusStore, Step};
 
@@ -91,6 +93,10 @@ pub struct Engine {
     pub status: StatusStore,
     pub log: UpdateLog,
     pub http: Http,
+    /// How the box names itself to the update server.
+    pub box_id: String,
+    /// Reports of update attempts not yet sent.
+    pub outbox: Outbox,
     /// Set when the daemon is asked to stop: an update in this process starts no further step
     /// before the switch (see `request_stop`).
     stopping: std::sync::Mutex<bool>,
@@ -129,14 +135,33 @@ impl Engine {
                 env!("CARGO_PKG_VERSION")
             );
         }
-        let http = Http::new(&settings.http)?;
+        let mut http = Http::new(&settings.http)?;
+        let status = StatusStore::load(layout.state_file());
+        let box_id = report::box_id(layout, &settings.box_config);
+        http.set_headers(report::header_source(
+            box_id.clone(),
+            layout.clone(),
+            status.clone(),
+        ));
         Ok(Engine {
-            status: StatusStore::load(layout.state_file()),
+            outbox: Outbox::new(&layout.state_dir()),
+            status,
             log: UpdateLog::new(layout.log_file()),
             http,
+            box_id,
             settings,
             stopping: std::sync::Mutex::new(false),
         })
+    }
+
+    /// Sends the reports that wait, if the server can be reached; never fails. Callers send
+    /// after an update, a confirm or a rollback ends, where waiting on the network holds up
+    /// nothing else.
+    pub fn send_reports(&self) {
+        let sent = self.outbox.flush(&self.http, &self.settings.box_config);
+        if sent > 0 {
+            log::info!("sent {sent} update reports to the update server");
+        }
     }
 
     /// Asks an update running in this process to stop at its next step, if that step comes
@@ -209,6 +234,7 @@ impl Engine {
             s.bytes_done = 0;
             s.bytes_total = None;
             s.target_version = None;
+            s.step_ms.clear();
         });
         let first = match source {
             Source::Server { force } => State::checking(force),
@@ -229,18 +255,28 @@ impl Engine {
         let _lock = self.lock_for_run()?;
         self.clean_leftovers();
         let status = self.status.get();
-        match (status.pending, self.layout().current()) {
-            (Some(p), _) => Ok(self.drive(State::confirming(p))),
+        let end = match (status.pending, self.layout().current()) {
+            (Some(p), _) => {
+                // The time from the switch to this start: the reboot, as the report tells it.
+                let rebooting = unix_now().saturating_sub(p.switched_at) * 1000;
+                self.status.update(|s| {
+                    s.step_ms.insert(Step::Rebooting.name().into(), rebooting);
+                });
+                self.drive(State::confirming(p))
+            }
+            // Installed without box-updater (the old shell updater): checked the same way, with
+            // nothing to roll back to.
             (None, Some(current)) if status.confirmed != Some(current.version()) => {
-                Ok(self.drive(State::confirming(Pending {
+                self.drive(State::confirming(Pending {
                     new: current.version(),
                     previous: None,
                     boots: 0,
                     switched_at: 0,
-                })))
+                }))
             }
-            (None, _) => Ok(status),
-        }
+            (None, _) => status,
+        };
+        Ok(end)
     }
 
     /// Switches back to the previous release by hand. A box without one is an error of its own,
@@ -255,10 +291,22 @@ impl Engine {
                     .unwrap_or_else(|| "no release is installed on this box yet".into()),
             )
         })?;
+        self.status.update(|s| {
+            s.started_at = Some(unix_now());
+            s.step_ms.clear();
+        });
         Ok(self.drive(State::rolling_back(self, to, reason)))
     }
 
     fn drive(&self, mut state: State) -> Status {
+        // The step just handled and when it began, to add its time to `step_ms`.
+        let mut timing: Option<(Step, Instant)> = None;
+        let spent = |timing: &Option<(Step, Instant)>, s: &mut Status| {
+            if let Some((step, t0)) = timing {
+                *s.step_ms.entry(step.name().to_string()).or_insert(0) +=
+                    t0.elapsed().as_millis() as u64;
+            }
+        };
         loop {
             // Under the stop lock, so that `request_stop` sees either this step or the refusal.
             let stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
@@ -269,6 +317,7 @@ impl Engine {
             let message = state.describe();
             let target = state.target();
             self.status.update(|s| {
+                spent(&timing, s);
                 s.state = step;
                 s.message = message.clone();
                 if target.is_some() {
@@ -282,6 +331,7 @@ impl Engine {
                 }
             });
             drop(stopping);
+            timing = Some((step, Instant::now()));
             // A failure logs itself, once, as an error.
             if !message.is_empty() && step != Step::Failed {
                 self.log.info(&message);
@@ -292,6 +342,7 @@ impl Engine {
             if transition == Transition::Stop {
                 let (step, message) = (state.step(), state.describe());
                 self.status.update(|s| {
+                    spent(&timing, s);
                     s.state = step;
                     s.message = message;
                 });
@@ -302,6 +353,20 @@ impl Engine {
 
     /// Adds a finished update to the history.
     pub fn record(&self, result: Step, from: Option<Version>, to: Option<Version>, message: &str) {
+        self.record_step(result, from, to, message, None);
+    }
+
+    /// The same, naming the step a failure happened at. An outcome the update server should hear
+    /// of (committed, failed, rolled back) also goes to the report outbox, durably, before
+    /// anything else happens (such as the reboot after a rollback).
+    pub fn record_step(
+        &self,
+        result: Step,
+        from: Option<Version>,
+        to: Option<Version>,
+        message: &str,
+        failed_at: Option<Step>,
+    ) {
         self.status.update(|s| {
             s.record(Outcome {
                 at: unix_now(),
@@ -310,6 +375,31 @@ impl Engine {
                 result,
                 message: message.to_string(),
             })
+        });
+        let outcome = match result {
+            Step::Committed => ReportOutcome::Committed,
+            Step::Failed => ReportOutcome::Failed,
+            Step::RolledBack => ReportOutcome::RolledBack,
+            _ => return,
+        };
+        let status = self.status.get();
+        let (target, previous) = match outcome {
+            // A rollback goes from the release it gives up to the one before.
+            ReportOutcome::RolledBack => (from, to),
+            _ => (to, from),
+        };
+        self.outbox.queue(Report {
+            v: PROTOCOL_VERSION,
+            box_id: self.box_id.clone(),
+            outcome,
+            target_version: target.map(Version::get),
+            running_version: self.layout().installed_version().map(Version::get),
+            previous_version: previous.map(Version::get),
+            step: failed_at,
+            message: message.to_string(),
+            started_at: status.started_at,
+            finished_at: Some(unix_now()),
+            durations_ms: status.step_ms,
         });
     }
 

@@ -10,6 +10,7 @@ pub mod http;
 pub mod layout;
 pub mod lock;
 pub mod log;
+pub mod report;
 pub mod states;
 pub mod status;
 pub mod systemd;

@@ -1,6 +1,7 @@
 //! The updater's persisted status: the current or last update's state and progress, the release
 //! awaiting confirmation after a switch, and a short history. One JSON file, written atomically.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -123,6 +124,10 @@ pub struct Status {
     pub last_result: Option<Outcome>,
     #[serde(default)]
     pub history: Vec<Outcome>,
+    /// Milliseconds the current or last update spent in each step, by step name; kept across
+    /// the reboot, for its report to the update server.
+    #[serde(default)]
+    pub step_ms: BTreeMap<String, u64>,
 }
 
 impl Status {

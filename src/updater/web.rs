@@ -29,6 +29,8 @@ const MAX_JSON_BODY: u64 = 64 * 1024;
 /// Connections served at once: a few browsers polling the page and an upload or two fit many
 /// times over; past it, a flood gets 503 instead of the box's memory.
 pub const MAX_CONNECTIONS: usize = 64;
+/// How often reports the update server could not take are tried again.
+const REPORT_RETRY: Duration = Duration::from_secs(600);
 
 /// How long answers in flight may take to finish once the daemon is asked to stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -158,6 +160,20 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
                         Err(e) => log::warn!("update not started: {e}"),
                     }
                     busy.store(false, Ordering::SeqCst);
+                    engine.send_reports();
+                }
+            })?;
+    }
+    {
+        // Reports of the confirm at start, and any the server could not take before: retried
+        // now and then, off the request threads.
+        let engine = Arc::clone(&engine);
+        std::thread::Builder::new()
+            .name("reports".into())
+            .spawn(move || {
+                loop {
+                    engine.send_reports();
+                    std::thread::sleep(REPORT_RETRY);
                 }
             })?;
     }
