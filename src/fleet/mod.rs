@@ -49,7 +49,7 @@ pub fn start(s: &FleetSettings) -> Result<(web::Service, Option<sync::Syncer>)> 
         Ok(st) => st,
         Err(e) if !s.explicit => {
             log::warn!(
-                "fleet: off, images are served as before: {e:#}; pass --database PATH on a writable disk to keep the fleet"
+                "fleet: off, images are served as before: {e:#}; to keep the fleet, make that directory writable for this user (in the container: mount a volume on /var/lib/opq-update-server) or pass --database PATH on a writable disk"
             );
             return Ok((off(format!("{e:#}")), None));
         }

@@ -1,7 +1,7 @@
 //! The server's settings: command-line flags over `BOX_UPDATE_SERVER_SETTINGS` over defaults.
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -15,6 +15,10 @@ use crate::fleet::store::Database;
 pub const SETTINGS_ENV: &str = "BOX_UPDATE_SERVER_SETTINGS";
 pub const DEFAULT_PORT: u16 = 8151;
 pub const DEFAULT_DIR: &str = "/var/opq/box-updates";
+/// A directory for the server's own state (systemd's `StateDirectory=`; the container's volume).
+pub const STATE_DIR_ENV: &str = "STATE_DIRECTORY";
+/// The fleet's SQLite file in that directory.
+pub const STATE_DB_NAME: &str = "fleet.sqlite";
 const DEFAULT_TIMEOUT_SECS: u64 = 30;
 const DEFAULT_RESCAN_SECS: u64 = 30;
 const DEFAULT_MAX_CONNECTIONS: usize = 512;
@@ -87,8 +91,13 @@ fn base_url(url: &str) -> Result<String> {
 
 impl Settings {
     /// Merges flags, the environment's JSON (the text of `BOX_UPDATE_SERVER_SETTINGS`, if set)
-    /// and the defaults. Flags win.
-    pub fn resolve(flags: Flags, env_json: Option<&str>) -> Result<Settings> {
+    /// and the defaults. Flags win. `state_dir` is where the fleet's database goes unless the
+    /// flags or the JSON name one (`STATE_DIRECTORY`, see `from_env`).
+    pub fn resolve(
+        flags: Flags,
+        env_json: Option<&str>,
+        state_dir: Option<&Path>,
+    ) -> Result<Settings> {
         let env = match env_json.map(str::trim).filter(|s| !s.is_empty()) {
             Some(text) => parse_env(text).with_context(|| format!("bad {SETTINGS_ENV}"))?,
             None => EnvSettings::default(),
@@ -112,7 +121,10 @@ impl Settings {
             explicit: database.is_some(),
             database: match &database {
                 Some(d) => Database::parse(d)?,
-                None => Database::beside(&dir),
+                None => match state_dir {
+                    Some(state) => Database::Sqlite(state.join(STATE_DB_NAME)),
+                    None => Database::beside(&dir),
+                },
             },
             token: match flags.fleet_token.or(env.fleet_token) {
                 Some(t) if t.trim().is_empty() => bail!("the fleet token is empty"),
@@ -153,11 +165,23 @@ impl Settings {
         })
     }
 
-    /// Reads the settings from the flags and the process environment.
+    /// Reads the settings from the flags and the process environment: the JSON of
+    /// `BOX_UPDATE_SERVER_SETTINGS`, and `STATE_DIRECTORY`, which systemd sets for a unit's
+    /// `StateDirectory=` (the first of a list) and the container image sets to its volume.
     pub fn from_env(flags: Flags) -> Result<Settings> {
         let env = std::env::var(SETTINGS_ENV).ok();
-        Settings::resolve(flags, env.as_deref())
+        let state = std::env::var_os(STATE_DIR_ENV).and_then(|v| first_state_dir(&v));
+        Settings::resolve(flags, env.as_deref(), state.as_deref())
     }
+}
+
+/// The first directory of a `STATE_DIRECTORY` (systemd joins several with `:`); none when it is
+/// empty or relative.
+fn first_state_dir(value: &std::ffi::OsStr) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let first = value.as_bytes().split(|&b| b == b':').next()?;
+    let path = PathBuf::from(std::ffi::OsStr::from_bytes(first));
+    path.is_absolute().then_some(path)
 }
 
 fn parse_env(text: &str) -> Result<EnvSettings> {
@@ -252,19 +276,22 @@ mod tests {
 
     #[test]
     fn defaults_without_flags_or_env() {
-        let s = Settings::resolve(Flags::default(), None).unwrap();
+        let s = Settings::resolve(Flags::default(), None, None).unwrap();
         assert_eq!(s.port, 8151);
         assert_eq!(s.dir, PathBuf::from("/var/opq/box-updates"));
         assert_eq!(s.bind, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         assert_eq!(s.timeout, Duration::from_secs(30));
-        assert_eq!(Settings::resolve(Flags::default(), Some("  ")).unwrap(), s);
+        assert_eq!(
+            Settings::resolve(Flags::default(), Some("  "), None).unwrap(),
+            s
+        );
     }
 
     #[test]
     fn env_json_of_the_docker_deployment_is_read() {
         let s = Settings::resolve(
             Flags::default(),
-            Some(r#"{"port": 9000, "updates_dir": "/srv/u", "bind": "127.0.0.1", "timeout_secs": "5"}"#),
+            Some(r#"{"port": 9000, "updates_dir": "/srv/u", "bind": "127.0.0.1", "timeout_secs": "5"}"#), None
         )
         .unwrap();
         assert_eq!(s.port, 9000);
@@ -287,6 +314,7 @@ mod tests {
         let s = Settings::resolve(
             flags,
             Some(r#"{"port": 9000, "updates_dir": "/b", "bind": "127.0.0.1", "timeout_secs": 9}"#),
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -301,7 +329,7 @@ mod tests {
             public_base_url: Some("ftp://x".into()),
             ..Flags::default()
         };
-        assert!(Settings::resolve(bad, None).is_err());
+        assert!(Settings::resolve(bad, None, None).is_err());
     }
 
     #[test]
@@ -320,7 +348,7 @@ mod tests {
         ] {
             let err = format!(
                 "{:#}",
-                Settings::resolve(Flags::default(), Some(text)).unwrap_err()
+                Settings::resolve(Flags::default(), Some(text), None).unwrap_err()
             );
             assert!(err.contains(want), "{text}: {err}");
         }
@@ -328,7 +356,8 @@ mod tests {
 
     #[test]
     fn fleet_settings_default_beside_the_directory() {
-        let s = Settings::resolve(Flags::default(), Some(r#"{"updates_dir": "/srv/u"}"#)).unwrap();
+        let s = Settings::resolve(Flags::default(), Some(r#"{"updates_dir": "/srv/u"}"#), None)
+            .unwrap();
         assert_eq!(
             s.fleet.database,
             Database::Sqlite("/srv/u.fleet.sqlite".into())
@@ -341,6 +370,7 @@ mod tests {
                 r#"{"database": "/var/lib/fleet.db", "fleet_token": "op", "max_boxes": 5,
                     "halt_failures": 10, "halt_share": 2.5}"#,
             ),
+            None,
         )
         .unwrap();
         assert_eq!(
@@ -362,15 +392,48 @@ mod tests {
         ] {
             let err = format!(
                 "{:#}",
-                Settings::resolve(Flags::default(), Some(text)).unwrap_err()
+                Settings::resolve(Flags::default(), Some(text), None).unwrap_err()
             );
             assert!(err.contains(want), "{text}: {err}");
         }
     }
 
     #[test]
+    fn the_state_directory_holds_the_default_database() {
+        let state = Path::new("/var/lib/opq-update-server");
+        let s = Settings::resolve(Flags::default(), None, Some(state)).unwrap();
+        assert_eq!(
+            s.fleet.database,
+            Database::Sqlite("/var/lib/opq-update-server/fleet.sqlite".into())
+        );
+        assert!(
+            !s.fleet.explicit,
+            "a default: the fleet is off if it can't be opened"
+        );
+        // A database the operator names wins, from the JSON or a flag.
+        let s = Settings::resolve(
+            Flags::default(),
+            Some(r#"{"database": "postgres://db/fleet"}"#),
+            Some(state),
+        )
+        .unwrap();
+        assert_eq!(
+            s.fleet.database,
+            Database::Postgres("postgres://db/fleet".into())
+        );
+        assert!(s.fleet.explicit);
+        assert_eq!(
+            first_state_dir("/var/lib/a:/var/lib/b".as_ref()),
+            Some(PathBuf::from("/var/lib/a"))
+        );
+        assert_eq!(first_state_dir("".as_ref()), None);
+        assert_eq!(first_state_dir("relative/dir".as_ref()), None);
+    }
+
+    #[test]
     fn unknown_keys_are_ignored() {
-        let s = Settings::resolve(Flags::default(), Some(r#"{"port": 1, "mongo": "x"}"#)).unwrap();
+        let s = Settings::resolve(Flags::default(), Some(r#"{"port": 1, "mongo": "x"}"#), None)
+            .unwrap();
         assert_eq!(s.port, 1);
     }
 }
