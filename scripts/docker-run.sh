@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the update-server image (scripts/docker-build.sh) and runs it with a host directory of
-# images mounted read-only at the container's /var/opq/box-updates.
+# images mounted read-only at the container's /var/opq/box-updates, and the fleet's database on
+# a named volume.
 #
 #   scripts/docker-run.sh [-d] [DIR] [PORT] [BIND]
 #       DIR   the update directory            default /var/opq/box-updates
@@ -9,11 +10,18 @@
 #       -d    in the background, restarted by Docker unless stopped (`docker stop
 #             opq-update-server`, then `docker rm opq-update-server`); otherwise in the
 #             foreground until Ctrl-C, and removed when it ends.
+#   Environment:
+#       OPQ_FLEET_TOKEN   the operator's token for /fleet and /fleet.json (unset: closed)
+#       OPQ_STATE_VOLUME  the named volume of the fleet's database, mounted on
+#                         /var/lib/opq-update-server    default opq-update-server-state
+#       DOCKER_BUILD_PROFILE  the cargo profile of the image's binary (scripts/docker-build.sh)
 #
 # The container shares the host's network (--network host): the server listens on BIND:PORT
 # itself and sees the boxes' own addresses, and it works on engines without a bridge network.
 # It runs as the owner of DIR (so that it can tell files still being written from complete
-# ones), never as root, with a read-only root file system and no capabilities. Honours
+# ones), in the image's group 8151 too (the state volume is the image's user's and group-
+# writable), never as root, with a read-only root file system and no capabilities. The volume
+# outlives the container: the fleet is still there after a restart or a new image. Honours
 # DOCKER_HOST.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +34,7 @@ fi
 dir=${1:-/var/opq/box-updates}
 port=${2:-8151}
 bind=${3:-0.0.0.0}
+volume=${OPQ_STATE_VOLUME:-opq-update-server-state}
 say() { echo "docker-run.sh: $*" >&2; }
 
 if [ ! -d "$dir" ]; then
@@ -37,6 +46,20 @@ case $port in '' | *[!0-9]*)
     exit 2
     ;;
 esac
+case $volume in '' | *[!A-Za-z0-9_.-]* | [!A-Za-z0-9]*)
+    say "OPQ_STATE_VOLUME must be a volume name (letters, digits, _ . -), not '$volume'"
+    exit 2
+    ;;
+esac
+token_json=
+if [ -n "${OPQ_FLEET_TOKEN:-}" ]; then
+    case $OPQ_FLEET_TOKEN in *[!A-Za-z0-9._~+/=-]*)
+        say "OPQ_FLEET_TOKEN may hold letters, digits and . _ ~ + / = - only (e.g. openssl rand -hex 24)"
+        exit 2
+        ;;
+    esac
+    token_json=$(printf ', "fleet_token": "%s"' "$OPQ_FLEET_TOKEN")
+fi
 dir=$(realpath "$dir")
 user=$(stat -c %u:%g "$dir")
 if [ "${user%%:*}" = 0 ]; then
@@ -47,12 +70,15 @@ if [ "${user%%:*}" = 0 ]; then
 fi
 
 bash scripts/docker-build.sh opq-update-server
-settings=$(printf '{"port": %s, "updates_dir": "/var/opq/box-updates", "bind": "%s"}' "$port" "$bind")
-say "serving $dir on $bind:$port"
+# Passed by name, so that the token stays out of the docker client's command line (ps).
+export BOX_UPDATE_SERVER_SETTINGS
+BOX_UPDATE_SERVER_SETTINGS=$(printf '{"port": %s, "updates_dir": "/var/opq/box-updates", "bind": "%s"%s}' "$port" "$bind" "$token_json")
+say "serving $dir on $bind:$port, the fleet on the volume $volume"
 exec docker run --name opq-update-server "${mode[@]}" \
     --network host \
-    --user "$user" \
+    --user "$user" --group-add 8151 \
     --read-only --cap-drop ALL --security-opt no-new-privileges \
-    -e BOX_UPDATE_SERVER_SETTINGS="$settings" \
+    -e BOX_UPDATE_SERVER_SETTINGS \
     -v "$dir:/var/opq/box-updates:ro" \
+    -v "$volume:/var/lib/opq-update-server" \
     opq-update-server

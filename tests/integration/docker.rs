@@ -15,6 +15,12 @@ const V1: u64 = 1_700_000_001;
 const V2: u64 = 1_700_000_002;
 /// The image's user (update-server/Dockerfile).
 const IMAGE_UID: u32 = 8151;
+/// The cargo profile of the image's binary here (Cargo.toml): optimised without the release
+/// build's fat LTO, which takes many minutes on 2 cores. scripts/test.sh builds it first.
+const PROFILE: &str = "docker-test";
+/// The image's state directory, where the fleet's database lands (update-server/Dockerfile).
+const STATE: &str = "/var/lib/opq-update-server";
+const TOKEN: &str = "operator-token-1";
 
 /// Debian's client (what CI has) where it is installed, else the one on PATH.
 fn docker_bin() -> &'static str {
@@ -241,6 +247,64 @@ fn script(root: &Path, name: &str) -> Command {
     c
 }
 
+/// A box's report of a committed update, sent with the fleet protocol's headers (README, "The
+/// fleet protocol"), which the server must take (202).
+fn report(port: u16, id: &str, from: u64, to: u64) {
+    let body = serde_json::json!({
+        "v": 1, "box_id": id, "outcome": "committed", "target_version": to,
+        "running_version": to, "previous_version": from,
+        "message": format!("{id} runs {to}"), "durations_ms": {"downloading": 120},
+    });
+    let to_s = to.to_string();
+    let (status, _, body) = http_send(
+        port,
+        "POST",
+        "/report",
+        &[
+            ("Content-Type", "application/json"),
+            ("X-OPQ-Box-Id", id),
+            ("X-OPQ-Box-Version", &to_s),
+            ("X-OPQ-Box-State", "idle"),
+        ],
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(status, 202, "POST /report: {body}");
+}
+
+/// `/fleet.json` with the operator's token; the box `id` in it.
+fn fleet_box(port: u16, id: &str) -> serde_json::Value {
+    let auth = format!("Bearer {TOKEN}");
+    let (status, _, body) = http_send(port, "GET", "/fleet.json", &[("Authorization", &auth)], b"");
+    assert_eq!(status, 200, "/fleet.json: {body}");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(view["store"]["kind"], "sqlite", "{view:#}");
+    view["boxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == id)
+        .unwrap_or_else(|| panic!("box {id} is not in the fleet view: {view:#}"))
+        .clone()
+}
+
+/// The server in container `name` runs as `uid` (every uid of the process), on a read-only root.
+fn assert_confined(engine: &Engine, name: &str, uid: u32) {
+    let pid = engine.inspect(name, "{{.State.Pid}}");
+    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = proc_status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line
+            .split_whitespace()
+            .skip(1)
+            .all(|u| u == uid.to_string()),
+        "{name}: the server runs as {uid}: {uid_line}"
+    );
+    assert_eq!(
+        engine.inspect(name, "{{.HostConfig.ReadonlyRootfs}}"),
+        "true"
+    );
+}
+
 fn chown_tree(path: &Path, uid: u32) {
     sh(path, &format!("chown -R {uid}:{uid} ."));
 }
@@ -266,7 +330,9 @@ fn the_update_server_image_runs_in_a_real_docker_engine() {
     step(&mut t, "engine up");
 
     // The image, built by the documented script; no registry is reachable, and none is needed.
-    let o = run(script(root, "docker-build.sh").env("DOCKER_HOST", engine.host()));
+    let o = run(script(root, "docker-build.sh")
+        .args(["--profile", PROFILE])
+        .env("DOCKER_HOST", engine.host()));
     assert!(o.status.success(), "docker-build.sh: {}", stderr(&o));
     let size: u64 = engine
         .inspect("opq-update-server", "{{.Size}}")
@@ -295,31 +361,38 @@ fn the_update_server_image_runs_in_a_real_docker_engine() {
     build_image(&d, &updates, V1, &["payload/box-config-daemon"], &[]);
     chown_tree(&updates, IMAGE_UID);
     let port = free_port();
+    // The original deployment's settings and the operator's token; the fleet on a named volume.
     let settings = format!(
-        r#"{{"port": {port}, "updates_dir": "/var/opq/box-updates", "bind": "127.0.0.1"}}"#
+        r#"{{"port": {port}, "updates_dir": "/var/opq/box-updates", "bind": "127.0.0.1", "fleet_token": "{TOKEN}"}}"#
     );
     let volume = format!("{}:/var/opq/box-updates:ro", updates.display());
-    engine.ok(&[
-        "run",
-        "--detach",
-        "--name",
-        "opq-test",
-        "--network",
-        "host",
-        "--read-only",
-        "--health-interval",
-        "1s",
-        "--health-start-period",
-        "1s",
-        "-e",
-        &format!("BOX_UPDATE_SERVER_SETTINGS={settings}"),
-        "-v",
-        &volume,
-        "opq-update-server",
-    ]);
-    eventually(Duration::from_secs(20), "the container listening", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    let state_volume = format!("opq-fleet:{STATE}");
+    let start = |name: &str| {
+        engine.ok(&[
+            "run",
+            "--detach",
+            "--name",
+            name,
+            "--network",
+            "host",
+            "--read-only",
+            "--health-interval",
+            "1s",
+            "--health-start-period",
+            "1s",
+            "-e",
+            &format!("BOX_UPDATE_SERVER_SETTINGS={settings}"),
+            "-v",
+            &volume,
+            "-v",
+            &state_volume,
+            "opq-update-server",
+        ]);
+        eventually(Duration::from_secs(20), "the container listening", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+    };
+    start("opq-test");
     step(&mut t, "container up");
 
     // Every endpoint.
@@ -378,21 +451,25 @@ fn the_update_server_image_runs_in_a_real_docker_engine() {
     assert_eq!(b.current_version(), Some(V2));
     step(&mut t, "endpoints, a new image, a box updated");
 
-    // Not root, read-only root file system, healthy by its own HEALTHCHECK.
-    let pid = engine.inspect("opq-test", "{{.State.Pid}}");
-    let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let uid_line = proc_status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(
-        uid_line
-            .split_whitespace()
-            .skip(1)
-            .all(|u| u == IMAGE_UID.to_string()),
-        "the server runs as {IMAGE_UID}: {uid_line}"
-    );
+    // The fleet, on by default: a box's report and its requests' headers show in /fleet.json
+    // (behind the operator's token), kept in the state volume.
+    assert_eq!(http_get(port, "/fleet.json").0, 401);
+    report(port, "docker-box-1", V1, V2);
+    let seen = fleet_box(port, "docker-box-1");
     assert_eq!(
-        engine.inspect("opq-test", "{{.HostConfig.ReadonlyRootfs}}"),
-        "true"
+        (&seen["version"], &seen["state"], &seen["message"]),
+        (
+            &serde_json::json!(V2),
+            &serde_json::json!("idle"),
+            &serde_json::json!(format!("docker-box-1 runs {V2}"))
+        ),
+        "{seen:#}"
     );
+    assert_eq!(seen["last_success"]["version"], V2, "{seen:#}");
+    step(&mut t, "a box reported, in the fleet view");
+
+    // Not root, read-only root file system, healthy by its own HEALTHCHECK.
+    assert_confined(&engine, "opq-test", IMAGE_UID);
     eventually(Duration::from_secs(20), "the container healthy", || {
         engine.inspect("opq-test", "{{.State.Health.Status}}") == "healthy"
     });
@@ -410,11 +487,34 @@ fn the_update_server_image_runs_in_a_real_docker_engine() {
         logs.contains("got SIGTERM, stopping") && logs.trim_end().ends_with("stopped"),
         "{logs}"
     );
+    assert!(
+        !logs.contains("not written at the stop"),
+        "the last reports are written at the stop: {logs}"
+    );
     engine.ok(&["rm", "opq-test"]);
     step(
         &mut t,
         &format!("docker stop ({:.2} s)", took.as_secs_f64()),
     );
+
+    // A new container on the same volume has the fleet: the database outlived the container.
+    start("opq-test-2");
+    let again = fleet_box(port, "docker-box-1");
+    assert_eq!(
+        (&again["version"], &again["message"], &again["last_success"]),
+        (&seen["version"], &seen["message"], &seen["last_success"]),
+        "{again:#}"
+    );
+    assert_confined(&engine, "opq-test-2", IMAGE_UID);
+    let logs = engine.docker(&["logs", "opq-test-2"]);
+    assert!(
+        stderr(&logs).contains(&format!("from SQLite {STATE}/fleet.sqlite")),
+        "{}",
+        stderr(&logs)
+    );
+    engine.ok(&["stop", "opq-test-2"]);
+    engine.ok(&["rm", "opq-test-2"]);
+    step(&mut t, "the fleet in a new container on the volume");
 
     // The image's own settings, untouched: port 8151 on every address, so it runs in a network
     // namespace of its own with no network at all, and only its HEALTHCHECK reaches it.
@@ -436,8 +536,9 @@ fn the_update_server_image_runs_in_a_real_docker_engine() {
     let logs = engine.docker(&["logs", "opq-defaults"]);
     assert!(
         stderr(&logs).contains("listening on 0.0.0.0:8151")
-            && stderr(&logs).contains("from /var/opq/box-updates"),
-        "{}",
+            && stderr(&logs).contains("from /var/opq/box-updates")
+            && stderr(&logs).contains(&format!("from SQLite {STATE}/fleet.sqlite")),
+        "the defaults keep the fleet in the image's state volume: {}",
         stderr(&logs)
     );
     engine.ok(&["stop", "opq-defaults"]);
@@ -457,6 +558,8 @@ fn the_update_server_image_runs_in_a_real_docker_engine() {
         .arg(port.to_string())
         .arg("127.0.0.1")
         .env("DOCKER_HOST", engine.host())
+        .env("DOCKER_BUILD_PROFILE", PROFILE)
+        .env("OPQ_FLEET_TOKEN", TOKEN)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(d.join("docker-run.log")).unwrap())
@@ -479,6 +582,17 @@ fn the_update_server_image_runs_in_a_real_docker_engine() {
         ),
         "true host [ALL]"
     );
+    // The fleet on the script's named volume, writable for the directory's owner (8152) through
+    // the image's group.
+    assert_eq!(
+        engine.inspect(
+            "opq-update-server",
+            "{{range .Mounts}}{{if eq .Type \"volume\"}}{{.Name}} {{.Destination}}{{end}}{{end}}"
+        ),
+        format!("opq-update-server-state {STATE}")
+    );
+    report(port, "docker-box-2", V1, V1);
+    assert_eq!(fleet_box(port, "docker-box-2")["version"], V1);
     // Ctrl-C: the docker client passes SIGINT on to the server, which stops; --rm removes it.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(run_sh.child.id() as i32),
