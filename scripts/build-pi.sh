@@ -20,6 +20,9 @@ done
 [ ${#archs[@]} -gt 0 ] || archs=(aarch64 armv7)
 
 SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+# Every architecture in one cargo run: it builds both dependency graphs side by side, so that
+# neither core waits on one crate's long compile or a link.
+targets=() linkers=() triples=()
 for arch in "${archs[@]}"; do
     case $arch in
         aarch64) triple=aarch64-unknown-linux-gnu gcc=aarch64-linux-gnu-gcc pkgs=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross) ;;
@@ -32,8 +35,12 @@ for arch in "${archs[@]}"; do
     fi
     rustup target list --installed | grep -qx "$triple" || rustup target add "$triple"
     upper=$(echo "$triple" | tr 'a-z-' 'A-Z_')
-    env "CARGO_TARGET_${upper}_LINKER=$gcc" "CC_${triple//-/_}=$gcc" \
-        cargo build --quiet "${profile[@]}" --target "$triple" "${bins[@]}"
+    linkers+=("CARGO_TARGET_${upper}_LINKER=$gcc" "CC_${triple//-/_}=$gcc")
+    targets+=(--target "$triple")
+    triples+=("$triple")
+done
+env "${linkers[@]}" cargo build --quiet "${profile[@]}" "${targets[@]}" "${bins[@]}"
+for triple in "${triples[@]}"; do
     for b in build-update update-server box-updater; do
         f="target/$triple/$dir/$b"
         [ -f "$f" ] && echo "build-pi: $f ($(du -h "$f" | cut -f1))" >&2
