@@ -15,7 +15,8 @@ cd "$(dirname "$0")/.."
 secs=${1:-15}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(image_name sha256sums unpack http_request fleet_report)
+all=0
+[ ${#targets[@]} -gt 0 ] || { all=1; targets=(image_name sha256sums unpack http_request fleet_report); }
 say() { echo "fuzz.sh: $*" >&2; }
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
@@ -43,6 +44,14 @@ if [ "$san" != none ]; then
     }
 fi
 mkdir -p fuzz/artifacts
+# Every target in one cargo run (side by side on the cores), before the first one runs.
+if [ $all = 1 ]; then
+    say "building the fuzz targets (cargo fuzz build; release, instrumented)"
+    cargo "${toolchain[@]}" fuzz build --fuzz-dir fuzz -s "$san" || {
+        say "building the fuzz targets failed (above); fix the build or skip fuzzing with FUZZ_SECONDS=0"
+        exit 1
+    }
+fi
 status=0
 for t in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$t"
