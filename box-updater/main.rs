@@ -99,9 +99,17 @@ struct Opts {
     /// Seconds to wait for a connection, and for each read, from the server.
     #[arg(long, global = true, value_name = "SECS", default_value_t = 30)]
     network_timeout: u64,
-    /// Access token the web API requires (else the box config's "updater_token", if set).
+    /// Access token the web API requires (else the box config's "updater_token"; else one the
+    /// box generates, asked of every client but this machine's own).
     #[arg(long, global = true, value_name = "TOKEN")]
     token: Option<String>,
+    /// No access token at all, from anywhere: anyone who can reach the box can update it.
+    #[arg(long, global = true, conflicts_with = "token")]
+    no_token: bool,
+    /// A name or address the page answers to beside the box's own addresses, host name and
+    /// localhost (repeatable; '*' for any, which lets DNS-rebinding pages in).
+    #[arg(long, global = true, value_name = "HOST")]
+    allowed_host: Vec<String>,
     /// Seconds a web client may stay silent (idle, or within a request) before it is dropped.
     #[arg(
         long,
@@ -148,6 +156,8 @@ fn main() {
             let opts = WebOptions {
                 listen: cli.opts.listen.clone(),
                 token: cli.opts.token.clone(),
+                no_token: cli.opts.no_token,
+                allowed_hosts: cli.opts.allowed_host.clone(),
                 timeout: Duration::from_secs(cli.opts.web_timeout.clamp(1, 3600)),
             };
             match opq_update::updater::web::serve(engine, opts) {

@@ -4,6 +4,7 @@ pub mod commands;
 pub mod config;
 pub mod engine;
 pub mod fault;
+pub mod hosts;
 pub mod http;
 pub mod layout;
 pub mod lock;
