@@ -119,6 +119,15 @@ struct Opts {
         hide = true
     )]
     web_timeout: u64,
+    /// Connections the web page and API hold open at once; more get 503.
+    #[arg(
+        long,
+        global = true,
+        value_name = "N",
+        default_value_t = opq_update::updater::web::MAX_CONNECTIONS,
+        hide = true
+    )]
+    web_max_connections: usize,
 }
 
 fn settings(opts: &Opts) -> anyhow::Result<Settings> {
@@ -159,6 +168,7 @@ fn main() {
                 no_token: cli.opts.no_token,
                 allowed_hosts: cli.opts.allowed_host.clone(),
                 timeout: Duration::from_secs(cli.opts.web_timeout.clamp(1, 3600)),
+                max_connections: cli.opts.web_max_connections.max(1),
             };
             match opq_update::updater::web::serve(engine, opts) {
                 Ok(()) => std::process::exit(0),

@@ -75,6 +75,8 @@ pub fn run(settings: Settings) -> Result<()> {
         max_connections: settings.max_connections,
         name: "update-server",
         bodies: false,
+        // Every handler answers from memory or opens a local file: the loops run them.
+        handlers: http::Handlers::Inline,
     };
     let server = http::Server::new(listener, config, stop, move |req, _| app.respond(req))?;
 

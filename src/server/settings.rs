@@ -13,7 +13,9 @@ pub const DEFAULT_PORT: u16 = 8151;
 pub const DEFAULT_DIR: &str = "/var/opq/box-updates";
 const DEFAULT_TIMEOUT_SECS: u64 = 30;
 const DEFAULT_RESCAN_SECS: u64 = 30;
-const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Open connections: each costs a socket and a few hundred bytes, so the bound is the
+/// file-descriptor limit in practice.
+const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {

@@ -25,9 +25,12 @@ pub const PAGE: &str = include_str!("../../box-updater/page.html");
 
 const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'";
 const MAX_JSON_BODY: u64 = 64 * 1024;
-/// Connections served at once: a few browsers polling the page and an upload or two fit many
-/// times over; past it, a flood gets 503 instead of the box's memory.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Connections open at once: idle ones cost a socket and a few hundred bytes each, so a flood
+/// of thousands leaves the page answering; past this, new ones get 503.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Requests answered at once (a thread each while they are): the page's polls, a config save,
+/// an upload and a check fit many times over.
+pub const WORKERS: usize = 16;
 
 pub struct WebOptions {
     pub listen: String,
@@ -44,6 +47,8 @@ pub struct WebOptions {
     /// It bounds each read, not a whole request, so that an upload over a slow link may take
     /// minutes while a stalled one is dropped.
     pub timeout: Duration,
+    /// Connections open at once (`MAX_CONNECTIONS` unless a test says otherwise).
+    pub max_connections: usize,
 }
 
 enum Job {
@@ -183,9 +188,11 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
     };
     let config = http::Config {
         timeout: opts.timeout,
-        max_connections: MAX_CONNECTIONS,
+        max_connections: opts.max_connections,
         name: "box-updater",
         bodies: true,
+        // Handlers stream uploads to disk, fsync the config and ask the update server.
+        handlers: http::Handlers::Workers(WORKERS),
     };
     // Never set: the daemon serves until it is stopped by a signal.
     let stop = Arc::new(AtomicBool::new(false));

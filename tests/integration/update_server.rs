@@ -556,7 +556,9 @@ fn nothing_outside_the_index_is_ever_served() {
         "/update/./secret.txt".into(),
         format!("/update/{}/", image_name(V1)),
         format!("/update/{}%00", image_name(V1)),
-        format!("/update/%6fpq-box-update-{V1}.tar.bz2"),
+        format!("/update/{}%2F", image_name(V1)),
+        format!("/update/%2e%2e%2F{}", image_name(V1)),
+        "/update/%2e%2e/%2e%2e/etc/passwd".into(),
         "/etc/passwd".into(),
         "etc/passwd".into(),
         "*".into(),
@@ -576,6 +578,15 @@ fn nothing_outside_the_index_is_ever_served() {
         let r = s.get(t);
         assert_eq!(r.status, 404, "{t}");
         assert!(!r.text().contains("TOPSECRET"), "{t}");
+    }
+    // Percent-encoded unreserved characters are those characters (RFC 3986 6.2.2.2).
+    for t in [
+        format!("/update/%6fpq-box-update-{V1}.tar.bz2"),
+        format!("/update/%6F%70%71%2Dbox-update-{V1}%2etar.bz2"),
+        format!("/%75pdate/opq-box-update-{V1}.tar.bz2?x=%2F"),
+    ] {
+        let r = s.get(&t);
+        assert_eq!((r.status, r.text().as_str()), (200, "the image"), "{t}");
     }
 
     // Malformed request lines and heads: a clear answer, never a crash.

@@ -1179,13 +1179,10 @@ fn a_chunked_request_body_gets_a_clear_411() {
     assert_still_serving(&mut web, "chunked bodies");
 }
 
-#[test]
-fn a_flood_of_connections_gets_503_past_the_limit_and_the_daemon_stays_up() {
-    let d = Dir::new();
-    let b = offline_box(&d);
-    let mut web = start_serve(&b, free_port(), &[]);
-    let port = web.port;
-    let flood: Vec<TcpStream> = (0..600)
+/// Opens `n` connections at once, then sends `/version` on each in turn; returns how many were
+/// answered 200 and how many 503.
+fn flood(port: u16, n: usize) -> (usize, usize) {
+    let flood: Vec<TcpStream> = (0..n)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connecting"))
         .collect();
     let request = format!("GET /version HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
@@ -1207,9 +1204,29 @@ fn a_flood_of_connections_gets_503_past_the_limit_and_the_daemon_stays_up() {
             other => panic!("connection answered {other}: {}", r.text()),
         }
     }
-    assert_eq!(served + busy, 600);
-    assert!(served >= 1, "none served");
-    assert!(busy >= 1, "600 connections at once, and no limit met");
+    (served, busy)
+}
+
+#[test]
+fn a_flood_of_connections_is_held_and_past_the_limit_gets_503() {
+    let d = Dir::new();
+    let b = offline_box(&d);
+    // Open connections cost no thread: 600 at once are all held and all answered.
+    let mut web = start_serve(&b, free_port(), &[]);
+    assert_eq!(flood(web.port, 600), (600, 0));
     assert_still_serving(&mut web, "600 connections");
+    drop(web);
+
+    // Past the bound on open connections, new ones get 503 at once, and the daemon lives on.
+    let mut web = start_serve(&b, free_port(), &["--web-max-connections", "50"]);
+    let port = web.port;
+    let (served, busy) = flood(port, 200);
+    assert_eq!(served + busy, 200);
+    assert!(served >= 1, "none served");
+    assert!(
+        busy >= 100,
+        "200 connections at once with a bound of 50: {busy} turned away"
+    );
+    assert_still_serving(&mut web, "200 connections over the bound");
     assert_eq!(get(port, "/").status, 200);
 }
