@@ -20,6 +20,7 @@ use super::Config;
 use super::conn::{After, Answer, BodySource, Ctx, Handler, Step, head_end, refuse, take_request};
 use super::pool::Pool;
 use super::request::MAX_HEAD;
+use super::response::Progress;
 
 const LISTENER: Token = Token(usize::MAX - 1);
 const WAKER: Token = Token(usize::MAX);
@@ -105,6 +106,8 @@ pub(crate) struct Conn {
 enum Next {
     /// Wait for the socket.
     Wait,
+    /// More to send at once, after the other connections had their turn.
+    Again,
     Close,
     /// Answer on a worker (a whole head is in).
     Dispatch,
@@ -169,11 +172,13 @@ pub(crate) struct EventLoop {
     poll: Poll,
     listener: Option<TcpListener>,
     conns: Slab<Slot>,
-    /// The read buffer of whichever connection is being served now; idle connections hold none.
+    /// What each read lands in first; connections keep only the bytes they were sent.
     scratch: Vec<u8>,
     shared: Arc<Shared>,
     accept_paused_until: Option<Instant>,
     tick: Duration,
+    /// Connections with more to send now, once the others had their turn.
+    again: Vec<usize>,
 }
 
 impl EventLoop {
@@ -185,10 +190,11 @@ impl EventLoop {
             poll,
             listener,
             conns: Slab::new(),
-            scratch: Vec::new(),
+            scratch: vec![0; MAX_HEAD],
             shared,
             accept_paused_until: None,
             tick,
+            again: Vec::new(),
         }
     }
 
@@ -207,7 +213,11 @@ impl EventLoop {
         let mut next_sweep = Instant::now() + self.tick;
         let mut stopping = false;
         loop {
-            let wait = next_sweep.saturating_duration_since(Instant::now());
+            let wait = if self.again.is_empty() {
+                next_sweep.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
             if let Err(e) = self.poll.poll(&mut events, Some(wait))
                 && e.kind() != io::ErrorKind::Interrupted
             {
@@ -220,6 +230,9 @@ impl EventLoop {
                     WAKER => self.take_inbox(),
                     Token(key) => self.drive(key),
                 }
+            }
+            for key in std::mem::take(&mut self.again) {
+                self.drive(key);
             }
             let now = Instant::now();
             if now >= next_sweep {
@@ -359,6 +372,11 @@ impl EventLoop {
         let workers = self.shared.pool.is_some();
         match progress(conn, &self.shared, &mut self.scratch, workers) {
             Next::Wait => {}
+            Next::Again => {
+                if !self.again.contains(&key) {
+                    self.again.push(key);
+                }
+            }
             Next::Close => self.close(key),
             Next::Dispatch => self.dispatch(key),
         }
@@ -500,58 +518,44 @@ enum Got {
     Closed,
 }
 
-/// Reads what the socket holds into `conn.buf`, letting it grow to `limit` bytes. An idle
-/// connection borrows the loop's scratch buffer for it.
-fn read_more(conn: &mut Conn, limit: usize, scratch: &mut Vec<u8>) -> Got {
-    if conn.buf.capacity() == 0 {
-        std::mem::swap(&mut conn.buf, scratch);
-    }
+/// Reads what the socket holds into `conn.buf`, letting it grow to `limit` bytes, through the
+/// loop's scratch buffer: `conn.buf` gets exactly what arrived, so an idle connection holds no
+/// buffer and a slowloris one only the bytes it sent.
+fn read_more(conn: &mut Conn, limit: usize, scratch: &mut [u8]) -> Got {
     let len = conn.buf.len();
     if len >= limit {
         return Got::WouldBlock;
     }
-    let was_empty = len == 0;
-    conn.buf.resize(limit, 0);
-    let got = loop {
-        match (&conn.stream).read(&mut conn.buf[len..]) {
-            Ok(0) => break Got::Closed,
+    let room = (limit - len).min(scratch.len());
+    loop {
+        match (&conn.stream).read(&mut scratch[..room]) {
+            Ok(0) => return Got::Closed,
             Ok(n) => {
-                conn.buf.truncate(len + n);
+                conn.buf.extend_from_slice(&scratch[..n]);
                 conn.since = Instant::now();
-                if was_empty {
+                if len == 0 {
                     conn.head_started = Some(conn.since);
                 }
                 return Got::Data;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Got::WouldBlock,
-            Err(_) => break Got::Closed,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Got::WouldBlock,
+            Err(_) => return Got::Closed,
         }
-    };
-    conn.buf.truncate(len);
-    got
+    }
 }
 
-/// Before a connection waits: an empty buffer goes back to the loop (or away), a partial head
-/// keeps exactly what it holds and counts against the pending budget. `false` when the budget
-/// is spent.
-fn park(conn: &mut Conn, shared: &Shared, scratch: &mut Vec<u8>) -> bool {
+/// Before a connection waits: an empty buffer is freed, a partial head keeps about what it
+/// holds and counts against the pending budget. `false` when the budget is spent.
+fn park(conn: &mut Conn, shared: &Shared) -> bool {
     if conn.buf.is_empty() {
-        let buf = std::mem::take(&mut conn.buf);
-        if scratch.capacity() == 0 {
-            *scratch = buf;
-        }
+        conn.buf = Vec::new();
         release(conn, shared);
         conn.head_started = None;
         return true;
     }
     if conn.buf.capacity() > conn.buf.len() + conn.buf.len() / 2 + 64 {
-        let exact = conn.buf.as_slice().to_vec();
-        let mut old = std::mem::replace(&mut conn.buf, exact);
-        if scratch.capacity() == 0 {
-            old.clear();
-            *scratch = old;
-        }
+        conn.buf.shrink_to_fit();
     }
     let now = conn.buf.capacity();
     if now > conn.counted {
@@ -572,7 +576,7 @@ fn park(conn: &mut Conn, shared: &Shared, scratch: &mut Vec<u8>) -> bool {
 
 /// Moves `conn` on as far as it goes without waiting: reads and answers requests (or, with
 /// workers, stops at a whole head), writes answers, drains a closing connection.
-fn progress(conn: &mut Conn, shared: &Shared, scratch: &mut Vec<u8>, workers: bool) -> Next {
+fn progress(conn: &mut Conn, shared: &Shared, scratch: &mut [u8], workers: bool) -> Next {
     loop {
         match &mut conn.phase {
             Phase::Reading => {
@@ -599,7 +603,7 @@ fn progress(conn: &mut Conn, shared: &Shared, scratch: &mut Vec<u8>, workers: bo
                         match read_more(conn, limit, scratch) {
                             Got::Data => {}
                             Got::WouldBlock => {
-                                if park(conn, shared, scratch) {
+                                if park(conn, shared) {
                                     return Next::Wait;
                                 }
                                 log::warn!(
@@ -618,7 +622,11 @@ fn progress(conn: &mut Conn, shared: &Shared, scratch: &mut Vec<u8>, workers: bo
                 }
             }
             Phase::Writing(answer) => match answer.out.advance(&conn.stream) {
-                Ok(true) => {
+                Ok(Progress::Turn) => {
+                    conn.since = Instant::now();
+                    return Next::Again;
+                }
+                Ok(Progress::Done) => {
                     shared.busy.fetch_sub(1, Ordering::SeqCst);
                     if let Some(log) = &answer.log {
                         log.write(conn.peer, Ok(answer.out.body_sent()));
@@ -643,12 +651,12 @@ fn progress(conn: &mut Conn, shared: &Shared, scratch: &mut Vec<u8>, workers: bo
                         }
                     }
                 }
-                Ok(false) => {
+                Ok(Progress::Full) => {
                     if answer.out.progressed() {
                         conn.since = Instant::now();
                     }
                     if conn.buf.is_empty() {
-                        park(conn, shared, scratch);
+                        park(conn, shared);
                     }
                     return Next::Wait;
                 }
@@ -718,7 +726,7 @@ pub(crate) fn work(job: Job, shared: &Shared) {
             unreachable!()
         };
         match answer.out.advance(&conn.stream) {
-            Ok(true) => {
+            Ok(Progress::Done) => {
                 shared.busy.fetch_sub(1, Ordering::SeqCst);
                 if let Some(log) = &answer.log {
                     log.write(conn.peer, Ok(answer.out.body_sent()));
@@ -750,7 +758,7 @@ pub(crate) fn work(job: Job, shared: &Shared) {
                 }
             }
             // The rest goes out from the loop as the client takes it.
-            Ok(false) => break,
+            Ok(Progress::Full | Progress::Turn) => break,
             Err(e) => {
                 shared.busy.fetch_sub(1, Ordering::SeqCst);
                 if let Some(log) = &answer.log {

@@ -200,9 +200,10 @@ impl Outgoing {
         self.moved
     }
 
-    /// Writes what the socket takes now; `Ok(true)` once everything is out, `Ok(false)` when the
-    /// socket is full.
-    pub fn advance<S>(&mut self, socket: &S) -> io::Result<bool>
+    /// Writes what the socket takes now, but at most one `SENDFILE_TURN` of a file, so that one
+    /// fast download does not keep a loop from its other connections (nginx's
+    /// `sendfile_max_chunk`).
+    pub fn advance<S>(&mut self, socket: &S) -> io::Result<Progress>
     where
         S: AsFd,
         for<'s> &'s S: Write,
@@ -225,19 +226,23 @@ impl Outgoing {
                     let body_now = self.pos.saturating_sub(self.head.len());
                     self.body_sent += (body_now - body_before) as u64;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Progress::Full),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
         let Some(file) = &self.file else {
-            return Ok(true);
+            return Ok(Progress::Done);
         };
+        let mut turn = SENDFILE_TURN;
         while self.file_left > 0 {
+            if turn == 0 {
+                return Ok(Progress::Turn);
+            }
             let mut off = i64::try_from(self.offset).map_err(|_| io::ErrorKind::InvalidInput)?;
             // A bounded step, so that one download on a fast client can't keep the loop from
             // its other connections for long.
-            let chunk = self.file_left.min(SENDFILE_STEP) as usize;
+            let chunk = self.file_left.min(turn) as usize;
             // sendfile64: the 64-bit offset also on 32-bit ARM, where images may pass 2 GiB.
             match nix::sys::sendfile::sendfile64(socket, file, Some(&mut off), chunk) {
                 Ok(0) => {
@@ -254,15 +259,27 @@ impl Outgoing {
                     self.offset += n as u64;
                     self.file_left -= n as u64;
                     self.body_sent += n as u64;
+                    turn -= n as u64;
                 }
-                Err(nix::errno::Errno::EAGAIN) => return Ok(false),
+                Err(nix::errno::Errno::EAGAIN) => return Ok(Progress::Full),
                 Err(nix::errno::Errno::EINTR) => {}
                 Err(e) => return Err(io::Error::from(e)),
             }
         }
-        Ok(true)
+        Ok(Progress::Done)
     }
 }
 
-/// The most one `sendfile` call is asked to move.
-const SENDFILE_STEP: u64 = 4 << 20;
+/// How far `Outgoing::advance` got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// All of it is out.
+    Done,
+    /// The socket is full: wait until it is writable.
+    Full,
+    /// This turn's share is out: others first, then more.
+    Turn,
+}
+
+/// The most of a file one connection sends before the loop turns to others.
+const SENDFILE_TURN: u64 = 2 << 20;
