@@ -14,11 +14,21 @@ done
 command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf)
 [ -d /usr/aarch64-linux-gnu/lib ] || need_apt+=(libc6-dev-arm64-cross)
 [ -d /usr/arm-linux-gnueabihf/lib ] || need_apt+=(libc6-dev-armhf-cross)
+command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+# REDbot's virtual environment needs venv (and its ensurepip), a package of its own on Debian.
+[ -x target/redbot-venv/bin/redbot ] || python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
     echo "test.sh: installing ${need_apt[*]}" >&2
     SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+if [ ! -x target/redbot-venv/bin/redbot ]; then
+    # REDbot (lint for HTTP) checks every endpoint of both servers (tests/integration/redbot.rs).
+    echo "test.sh: installing redbot into target/redbot-venv" >&2
+    rm -rf target/redbot-venv
+    python3 -m venv target/redbot-venv
+    target/redbot-venv/bin/pip install --quiet --disable-pip-version-check redbot==2.7.1
 fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
     echo "test.sh: installing playwright-core" >&2

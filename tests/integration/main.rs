@@ -9,6 +9,7 @@ mod faults;
 mod hostile_images;
 mod network_faults;
 mod pi;
+mod redbot;
 mod scale_out;
 mod server_load;
 mod update_server;

@@ -1081,7 +1081,7 @@ fn the_scripts_are_shellcheck_clean() {
     }
     sh(
         root,
-        "shellcheck -x scripts/*.sh scripts/bench/*.sh .ci/run",
+        "shellcheck -x scripts/*.sh scripts/bench/*.sh scripts/bench/*/*.sh .ci/run",
     );
 }
 

@@ -6,7 +6,8 @@
 #   2. 16 parallel downloads of a 512 MiB image;
 #   3. IDLE connections that say nothing plus SLOW slowloris connections (scripts/bench/http_load.rs),
 #      then 2000 /version probes on new connections: p99 and the server's peak RSS;
-# and each server's binary size. Prints a markdown table.
+# and each server's binary size, with the same minimal server built on each HTTP layer
+# (./core includes src/http as it is). Prints a markdown table.
 #
 #   scripts/bench/http-options/compare.sh        # env: SECS (wrk, 5), MIB (512), IDLE, SLOW (10000 each,
 #                                                 # fewer when the open-file limit is lower)
@@ -20,6 +21,9 @@ image=opq-box-update-$version.tar.bz2
 echo "compare.sh: building update-server, http-load and the hyper option (release)" >&2
 cargo build --release --quiet --bin update-server --bin http-load
 (cd scripts/bench/http-options/hyper && cargo build --release --quiet)
+# The same minimal server on the project's core, to weigh what each layer adds to a binary.
+(cd scripts/bench/http-options/core && cargo build --release --quiet)
+core_min=scripts/bench/http-options/core/target/release/core-option
 ours_bin=target/release/update-server
 hyper_bin=scripts/bench/http-options/hyper/target/release/hyper-option
 load=target/release/http-load
@@ -152,4 +156,8 @@ $idle idle + $slow slowloris connections; 2000 \`/version\` probes on new connec
 | Server | /version req/s (wrk, 64 conn) | 16 × $mib MiB downloads, MiB/s | RSS at rest, MiB | RSS + $idle idle | RSS + $slow slow too | peak RSS | probe p99 ms | probes failed | binary MiB |
 |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|
 $(printf '%s\n' "${rows[@]}")
+
+The same minimal server (\`/version\` and \`/update/<name>\`, LTO, stripped) is $(mib_of $(($(stat -c %s "$core_min") / 1024))) MiB on
+the project's core (scripts/bench/http-options/core) and $(mib_of $(($(stat -c %s "$hyper_bin") / 1024))) MiB on hyper + tokio; update-server's
+binary is the whole program.
 EOF
