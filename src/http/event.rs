@@ -46,6 +46,10 @@ pub(crate) struct Shared {
     pub inboxes: Vec<Inbox>,
     pub pool: Option<Pool<Job>>,
     next_loop: AtomicUsize,
+    /// Turn-aways not yet logged, and the second of the last line about them: a flood writes a
+    /// line a second, not one per connection.
+    turned_away: AtomicUsize,
+    turned_away_logged: std::sync::atomic::AtomicU64,
 }
 
 /// How other threads hand a loop its work.
@@ -133,6 +137,32 @@ impl Shared {
             inboxes,
             pool,
             next_loop: AtomicUsize::new(0),
+            turned_away: AtomicUsize::new(0),
+            turned_away_logged: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Logs a client turned away with 503, at most once a second, with how many since.
+    fn turn_away_logged(&self, peer: SocketAddr, why: std::fmt::Arguments<'_>) {
+        let n = self.turned_away.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.turned_away_logged.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .turned_away_logged
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.turned_away.store(0, Ordering::Relaxed);
+            if n > 1 {
+                log::warn!(
+                    "{peer} turned away: {why} ({n} clients turned away since the last such line)"
+                );
+            } else {
+                log::warn!("{peer} turned away: {why}");
+            }
         }
     }
 
@@ -278,9 +308,12 @@ impl EventLoop {
                     let open = self.shared.open.fetch_add(1, Ordering::SeqCst);
                     if open >= self.shared.max_connections {
                         self.shared.open.fetch_sub(1, Ordering::SeqCst);
-                        log::warn!(
-                            "{peer} turned away: all {} connections are taken",
-                            self.shared.max_connections
+                        self.shared.turn_away_logged(
+                            peer,
+                            format_args!(
+                                "all {} connections are taken",
+                                self.shared.max_connections
+                            ),
                         );
                         turn_away(stream);
                         continue;
@@ -398,7 +431,8 @@ impl EventLoop {
         }) {
             self.shared.busy.fetch_sub(1, Ordering::SeqCst);
             let mut conn = *job.conn;
-            log::warn!("{} turned away: every worker is busy", conn.peer);
+            self.shared
+                .turn_away_logged(conn.peer, format_args!("every worker is busy"));
             let answer = busy_answer(&self.shared, conn.peer);
             start_answer(&mut conn, answer, &self.shared);
             self.conns[key] = Slot::Here(conn);
@@ -606,10 +640,12 @@ fn progress(conn: &mut Conn, shared: &Shared, scratch: &mut [u8], workers: bool)
                                 if park(conn, shared) {
                                     return Next::Wait;
                                 }
-                                log::warn!(
-                                    "{} turned away: incomplete requests hold {} MiB",
+                                shared.turn_away_logged(
                                     conn.peer,
-                                    PENDING_BUDGET >> 20
+                                    format_args!(
+                                        "incomplete requests hold {} MiB",
+                                        PENDING_BUDGET >> 20
+                                    ),
                                 );
                                 release(conn, shared);
                                 conn.buf = Vec::new();
