@@ -1,11 +1,12 @@
 //! `box-updater`: the OPQ Box's update daemon and its command line.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use opq_update::cli::{exit_with_error, init_logging};
+use opq_update::cli::{exit_with_error, init_logging, parse_listen};
 use opq_update::updater::commands::{self, EXIT_FAILED};
 use opq_update::updater::engine::{Engine, Settings};
 use opq_update::updater::web::WebOptions;
@@ -54,9 +55,10 @@ struct Opts {
         long,
         global = true,
         value_name = "ADDR:PORT",
-        default_value = "0.0.0.0:8080"
+        default_value = "0.0.0.0:8080",
+        value_parser = parse_listen
     )]
-    listen: String,
+    listen: SocketAddr,
     /// Command that reboots the box (default: systemctl reboot, else the kernel's reboot).
     #[arg(long, global = true, value_name = "CMD")]
     reboot_command: Option<String>,
@@ -163,7 +165,7 @@ fn main() {
     let (code, line) = match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => {
             let opts = WebOptions {
-                listen: cli.opts.listen.clone(),
+                listen: cli.opts.listen,
                 token: cli.opts.token.clone(),
                 no_token: cli.opts.no_token,
                 allowed_hosts: cli.opts.allowed_host.clone(),

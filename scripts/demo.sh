@@ -2,18 +2,39 @@
 # The main job, end to end on one machine: builds a signed update image from the sample payload,
 # serves it with update-server, starts a sandboxed box-updater, and updates the box through the
 # same API the page's Update Box button uses, showing the progress and the new version.
+#
+#   scripts/demo.sh [--keep | --no-keep]
+#     --keep      keep the update server and the box running at the end, until Ctrl-C, so that
+#                 the box's page can be opened in a browser (asked when stdin is a terminal)
+#     --no-keep   stop everything at the end without asking
+# OPQ_DEMO_BIN=DIR runs prebuilt binaries from DIR instead of building them (the tests do), and
+# OPQ_DEMO_MIB=N sets the size of the second image's sample firmware (default 24 MiB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+keep=ask
+case ${1:-} in
+    --keep) keep=yes ;;
+    --no-keep) keep=no ;;
+    "") ;;
+    *) echo "demo.sh: unknown argument '$1' (usage: scripts/demo.sh [--keep | --no-keep])" >&2; exit 2 ;;
+esac
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost RUST_LOG=${RUST_LOG:-warn}
-if ! command -v curl >/dev/null; then
+for tool in curl python3; do
+    command -v $tool >/dev/null && continue
+    echo "demo.sh: installing $tool (Debian package $tool)" >&2
     SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq curl >/dev/null
+    { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $tool >/dev/null; } ||
+        { echo "demo.sh: cannot install $tool with apt-get; install it by hand" >&2; exit 1; }
+done
+if [ -n "${OPQ_DEMO_BIN:-}" ]; then
+    bin=$OPQ_DEMO_BIN
+else
+    cargo build --quiet --bins
+    bin=target/debug
 fi
-cargo build --quiet --bins
-bin=target/debug
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
-work=$(mktemp -d /tmp/opq-demo.XXXXXX)
+work=$(mktemp -d "${TMPDIR:-/tmp}/opq-demo.XXXXXX")
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "1. a signing key and two images (the box runs the first, the server offers the second)"
@@ -22,9 +43,9 @@ mkdir -p "$work/updates" "$work/box/root"
 now=$(date +%s)
 v1=$((now - 60)) v2=$now
 "$bin/build-update" --out "$work/updates" --version "$v1" --sign-key "$work/demo.key" scripts/demo-payload/box-config-daemon 2>/dev/null
-# The second image also carries 24 MiB of measurement firmware, so that its progress shows.
+# The second image also carries measurement firmware (24 MiB), so that its progress shows.
 mkdir -p "$work/box-firmware"
-head -c $((24 << 20)) /dev/urandom >"$work/box-firmware/firmware.bin"
+head -c $((${OPQ_DEMO_MIB:-24} << 20)) /dev/urandom >"$work/box-firmware/firmware.bin"
 image=$("$bin/build-update" --out "$work/staging" --version "$v2" --sign-key "$work/demo.key" scripts/demo-payload/box-config-daemon "$work/box-firmware" 2>/dev/null | tail -n 1)
 tar tvjf "$image"
 
@@ -58,17 +79,27 @@ curl -s "http://127.0.0.1:$bport/box_update/check"; echo
 
 say "5. press Update Box (POST /box_update) and follow the progress"
 curl -s -X POST -H 'Content-Type: application/json' -d '{}' "http://127.0.0.1:$bport/box_update"; echo
+# One line per step, and per tenth of the way through a download or an unpacking; bytes only
+# where a step counts them, against the image's size.
 show_status='
 import json, sys
 s = json.load(sys.stdin)
-total = s.get("bytes_total") or "?"
-print("%-12s %s/%s bytes  %s" % (s["state"], s["bytes_done"], total, s["message"]))'
+state, done, total = s["state"], s["bytes_done"], s.get("bytes_total")
+mib = lambda n: "%.1f MiB" % (n / 1048576)
+progress, tenth = "", ""
+if state in ("downloading", "unpacking") and total:
+    progress = "%s of %s (%d%%)" % (mib(done), mib(total), done * 100 // total)
+    tenth = str(done * 10 // total)
+elif state == "downloading":
+    progress = mib(done)
+print("%s %s\t%-12s %-26s %s" % (state, tenth, state, progress, s["message"]))'
 last=""
 for _ in $(seq 600); do
     st=$(curl -s "http://127.0.0.1:$bport/box_update/status")
-    line=$(python3 -c "$show_status" <<<"$st")
-    [ "$line" != "$last" ] && echo "  $line" && last=$line
-    case $line in rebooting*|failed*|up_to_date*) break ;; esac
+    out=$(python3 -c "$show_status" <<<"$st")
+    key=${out%%$'\t'*} line=${out#*$'\t'}
+    [ "$key" != "$last" ] && echo "  $line" && last=$key
+    case $key in rebooting*|failed*|up_to_date*) break ;; esac
     sleep 0.05
 done
 echo "reboots recorded so far:"; sed "s/^/  /" "$work/box/reboots"
@@ -77,6 +108,24 @@ say "6. the box 'reboots': box-updater starts again, confirms the new release"
 kill "$box_pid"; wait "$box_pid" 2>/dev/null || true
 start_box
 echo "installed now: $(curl -s "http://127.0.0.1:$bport/version")"
-curl -s "http://127.0.0.1:$bport/box_update/status" | python3 -c 'import json,sys; s=json.load(sys.stdin); print("state:", s["state"], "-", s["message"]); [print("  history:", h["result"], h["from"], "->", h["to"], h["message"]) for h in s["history"]]'
+curl -s "http://127.0.0.1:$bport/box_update/status" | python3 -c '
+import json, sys
+s = json.load(sys.stdin)
+print("state:", s["state"], "-", s["message"])
+for h in s["history"]:
+    print("  history: %-10s %s -> %s: %s" % (h["result"], h["from"] or "nothing", h["to"] or "nothing", h["message"]))'
 ls -l "$work/box/root/opt/opq" "$work/box/root/opt/opq/releases"
+
+if [ "$keep" = ask ] && [ -t 0 ]; then
+    read -r -p "Keep the update server and the box running so that you can open the box's page? [y/N] " answer
+    case $answer in [yY]*) keep=yes ;; esac
+fi
+if [ "$keep" = yes ]; then
+    say "running until Ctrl-C"
+    echo "the box's page:      http://127.0.0.1:$bport/"
+    echo "the update server:   http://127.0.0.1:$sport/ls   (drop images into $work/updates)"
+    echo "press Ctrl-C to stop"
+    # Ends at Ctrl-C (or if the box stops); the exit trap stops the rest and removes $work.
+    wait "$box_pid" || true
+fi
 say "done: stopping what the demo started"

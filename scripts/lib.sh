@@ -9,6 +9,9 @@ cleanup() {
     if [ -n "$work" ]; then rm -rf "$work"; fi
 }
 trap cleanup EXIT
+# Ctrl-C or a stop ends the script through its exit trap, with the usual status.
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # A loopback port nothing listens on right now.
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

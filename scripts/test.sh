@@ -1,50 +1,105 @@
 #!/usr/bin/env bash
-# Runs the whole test suite. Installs what the tests need (Debian packages, playwright-core, the
-# ARM cross toolchain, cargo-fuzz) when it is missing, so it works on a fresh machine: README's
-# second command, and what CI runs. FUZZ_SECONDS=0 skips the short fuzzing pass.
+# Runs the whole test suite: README's second command, and what CI runs on a fresh Debian machine.
+# It installs what the tests need when it is missing, saying what and why, and stops with a clear
+# message when it can't. Order: set-up, lints, builds, the tests, then a short fuzzing pass
+# (FUZZ_SECONDS=0 skips it), then a check that no test left a process behind.
+# Arguments go to cargo nextest (e.g. -E 'test(docker)').
 set -euo pipefail
 cd "$(dirname "$0")/.."
+say() { echo "test.sh: $*" >&2; }
+fail() { say "$*"; exit 1; }
+SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
 
-need_apt=()
-for pair in minisign:minisign shellcheck:shellcheck bunzip2:bzip2 wget:wget curl:curl nginx:nginx-light \
-    chromium:chromium wrk:wrk qemu-aarch64-static:qemu-user-static aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu \
-    setpriv:util-linux node:nodejs npm:npm; do
-    command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || need_apt+=("${pair#*:}")
+if [ "$(id -u)" -ne 0 ]; then
+    say "NOTE: not root: the container test (a Docker engine of its own) will be SKIPPED; CI runs as root"
+fi
+
+# Debian packages: "command:package", one a line, with what needs them.
+apt_needs=(
+    minisign:minisign                             # signatures checked with the reference tool
+    shellcheck:shellcheck                         # the scripts' lint test
+    bunzip2:bzip2                                 # images open with the stock tools
+    wget:wget                                     # the old boxes' updater
+    curl:curl                                     # the demo and script tests
+    python3:python3                               # the demo and scripts/lib.sh
+    nginx:nginx-light                             # scale-out: images served by nginx
+    chromium:chromium                             # the page in a real browser
+    node:nodejs                                   # ... driven by playwright-core
+    npm:npm                                       # ... installed with npm
+    wrk:wrk                                       # load tests
+    qemu-aarch64-static:qemu-user-static          # the Pi builds run under qemu
+    aarch64-linux-gnu-gcc:gcc-aarch64-linux-gnu   # ... cross-built for 64-bit Pi OS
+    arm-linux-gnueabihf-gcc:gcc-arm-linux-gnueabihf # ... and 32-bit Pi OS
+    setpriv:util-linux                            # running the server as nobody
+    dockerd:docker.io                             # the update-server container, run for real
+    musl-gcc:musl-tools                           # ... its static (musl) build
+    c++:g++                                       # libFuzzer, for the fuzzing pass
+)
+missing=()
+for pair in "${apt_needs[@]}"; do
+    command -v "${pair%%:*}" >/dev/null 2>&1 || [ -x "/usr/sbin/${pair%%:*}" ] || missing+=("${pair#*:}")
 done
-command -v arm-linux-gnueabihf-gcc >/dev/null 2>&1 || need_apt+=(gcc-arm-linux-gnueabihf)
-[ -d /usr/aarch64-linux-gnu/lib ] || need_apt+=(libc6-dev-arm64-cross)
-[ -d /usr/arm-linux-gnueabihf/lib ] || need_apt+=(libc6-dev-armhf-cross)
-command -v python3 >/dev/null 2>&1 || need_apt+=(python3)
+[ -d /usr/aarch64-linux-gnu/lib ] || missing+=(libc6-dev-arm64-cross)
+[ -d /usr/arm-linux-gnueabihf/lib ] || missing+=(libc6-dev-armhf-cross)
 # REDbot's virtual environment needs venv (and its ensurepip), a package of its own on Debian.
-[ -x target/redbot-venv/bin/redbot ] || python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
-if [ ${#need_apt[@]} -gt 0 ]; then
-    echo "test.sh: installing ${need_apt[*]}" >&2
-    SUDO=; [ "$(id -u)" -eq 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+[ -x target/redbot-venv/bin/redbot ] || python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    { $SUDO apt-get update -qq &&
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null; } ||
+        fail "apt-get could not install ${missing[*]}; install them by hand (apt-get install ${missing[*]}) and run again"
 fi
 if [ ! -x target/redbot-venv/bin/redbot ]; then
-    # REDbot (lint for HTTP) checks every endpoint of both servers (tests/integration/redbot.rs).
-    echo "test.sh: installing redbot into target/redbot-venv" >&2
+    say "installing REDbot 2.7.1 from PyPI into target/redbot-venv, for the HTTP lint test"
     rm -rf target/redbot-venv
-    python3 -m venv target/redbot-venv
-    target/redbot-venv/bin/pip install --quiet --disable-pip-version-check redbot==2.7.1
+    { python3 -m venv target/redbot-venv &&
+        target/redbot-venv/bin/pip install --quiet --disable-pip-version-check redbot==2.7.1; } ||
+        fail "could not install redbot into target/redbot-venv; is PyPI reachable? (pip config list)"
 fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
-    echo "test.sh: installing playwright-core" >&2
-    (cd tests/browser && npm ci --no-audit --no-fund --silent)
+    say "installing playwright-core from npm (tests/browser/package-lock.json), for the browser test"
+    (cd tests/browser && npm ci --no-audit --no-fund --silent) ||
+        fail "npm ci failed in tests/browser; is the npm registry reachable? (npm config get registry)"
 fi
+for triple in aarch64-unknown-linux-gnu armv7-unknown-linux-gnueabihf x86_64-unknown-linux-musl; do
+    rustup target list --installed | grep -qx "$triple" && continue
+    say "installing the Rust target $triple (rustup target add), for the Pi and container builds"
+    rustup target add "$triple" || fail "rustup target add $triple failed; run it by hand and run again"
+done
 
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
+say "checking formatting and lints"
 cargo fmt --check
 cargo clippy --all-targets --all-features --quiet -- -D warnings
-# The end-to-end updates on a Pi run these ARM builds under qemu-user-static.
+say "building the ARM box-updater for the Pi tests under qemu"
 bash scripts/build-pi.sh --debug --bin box-updater aarch64 armv7
-if [ "${FUZZ_SECONDS:-15}" != 0 ]; then
-    bash scripts/fuzz.sh "${FUZZ_SECONDS:-15}"
-fi
+say "building the static update-server for the container test"
+bash scripts/docker-build.sh --binary-only
+
+# Every process the tests start inherits this marker, and their temp files live under run_tmp:
+# whatever still carries either after the tests is a process a test left behind.
+run_id=$$-$(date +%s)
+run_tmp=$(mktemp -d /tmp/opq-tests.XXXXXX)
+chmod 755 "$run_tmp"
+export OPQ_TEST_RUN=$run_id TMPDIR=$run_tmp
+
+status=0
+say "running the tests"
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --all-targets --features fault-injection --no-fail-fast "$@"
+    cargo nextest run --all-targets --features fault-injection --no-fail-fast "$@" || status=1
 else
-    cargo test --all-targets --features fault-injection --no-fail-fast "$@"
+    cargo test --all-targets --features fault-injection --no-fail-fast "$@" || status=1
 fi
+if [ "${FUZZ_SECONDS:-15}" != 0 ]; then
+    say "fuzzing each target for ${FUZZ_SECONDS:-15} s (scripts/fuzz.sh)"
+    bash scripts/fuzz.sh "${FUZZ_SECONDS:-15}" || status=1
+fi
+
+say "checking that no test left a process behind"
+if ! env -u OPQ_TEST_RUN bash scripts/leftovers.sh --kill "$run_id" "$run_tmp"; then
+    say "FAILED: the tests left processes behind (listed above, now stopped); a test must stop everything it starts"
+    status=1
+fi
+rm -rf "$run_tmp" || say "could not remove $run_tmp (something of the tests is still mounted there?)"
+if [ $status = 0 ]; then say "all passed"; else say "FAILED (see above)"; fi
+exit $status

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -29,8 +30,8 @@ fn is_stream_start(w: &[u8]) -> bool {
 }
 
 enum Piece {
-    /// Decoded bytes of one stream.
-    Data(io::Result<Vec<u8>>),
+    /// Decoded bytes of one stream, and the file offset where the stream ends.
+    Data(io::Result<Vec<u8>>, u64),
     /// Decode sequentially from this file offset to the end.
     SequentialFrom(u64),
     /// Scanning the input failed.
@@ -46,7 +47,9 @@ pub struct ParallelBzReader {
     pending: BTreeMap<u64, Piece>,
     next: u64,
     current: io::Cursor<Vec<u8>>,
-    sequential: Option<MultiBzDecoder<BufReader<File>>>,
+    sequential: Option<MultiBzDecoder<BufReader<Counted>>>,
+    /// Compressed bytes of the file behind what has been read so far.
+    consumed: Arc<AtomicU64>,
     done: bool,
     threads: Vec<JoinHandle<()>>,
 }
@@ -89,9 +92,16 @@ impl ParallelBzReader {
             next: 0,
             current: io::Cursor::new(Vec::new()),
             sequential: None,
+            consumed: Arc::new(AtomicU64::new(0)),
             done: false,
             threads: handles,
         })
+    }
+
+    /// How far into the compressed file reading has come, for progress against the file's size;
+    /// shared, as the reader itself is handed to the tar reader.
+    pub fn consumed(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.consumed)
     }
 
     /// Moves to the next piece in order; false at the end.
@@ -100,15 +110,23 @@ impl ParallelBzReader {
             if let Some(piece) = self.pending.remove(&self.next) {
                 self.next += 1;
                 match piece {
-                    Piece::Data(data) => {
+                    Piece::Data(data, end) => {
                         self.current = io::Cursor::new(data?);
+                        self.consumed.store(end, Ordering::Relaxed);
                         return Ok(true);
                     }
                     Piece::SequentialFrom(offset) => {
                         let mut f = File::open(&self.path)?;
                         f.seek(SeekFrom::Start(offset))?;
-                        self.sequential =
-                            Some(MultiBzDecoder::new(BufReader::with_capacity(256 * 1024, f)));
+                        self.consumed.store(offset, Ordering::Relaxed);
+                        let counted = Counted {
+                            file: f,
+                            consumed: Arc::clone(&self.consumed),
+                        };
+                        self.sequential = Some(MultiBzDecoder::new(BufReader::with_capacity(
+                            256 * 1024,
+                            counted,
+                        )));
                         return Ok(true);
                     }
                     Piece::Failed(e) => return Err(e),
@@ -139,6 +157,20 @@ impl Read for ParallelBzReader {
                 self.done = true;
             }
         }
+    }
+}
+
+/// The file behind sequential decoding, counting what is read of it.
+struct Counted {
+    file: File,
+    consumed: Arc<AtomicU64>,
+}
+
+impl Read for Counted {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.consumed.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
     }
 }
 
@@ -222,8 +254,9 @@ fn decode_worker(jobs: Arc<Mutex<Receiver<Job>>>, results: SyncSender<(u64, Piec
         let Ok(Ok((seq, offset, piece))) = job else {
             return;
         };
+        let end = offset + piece.len() as u64;
         let out = match decode_one(&piece) {
-            Some(r) => Piece::Data(r),
+            Some(r) => Piece::Data(r, end),
             None => Piece::SequentialFrom(offset),
         };
         if results.send((seq, out)).is_err() {

@@ -7,6 +7,7 @@ use std::fs::{self, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::Ordering;
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
@@ -47,6 +48,14 @@ fn refuse<T>(msg: impl Into<String>) -> Result<T> {
     Err(Refused(msg.into()).into())
 }
 
+/// Progress of an unpacking: bytes just written (expanded), and how far into the compressed
+/// image reading has come.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub written: u64,
+    pub compressed: u64,
+}
+
 /// Unpacks `image` (named `name`) into `dest`, which must not exist yet. On error `dest` may hold
 /// a partial tree: the caller owns and removes it.
 pub fn unpack_image(
@@ -55,7 +64,7 @@ pub fn unpack_image(
     dest: &Path,
     limits: Limits,
     threads: usize,
-    on_bytes: &mut dyn FnMut(u64),
+    on_progress: &mut dyn FnMut(Progress),
 ) -> Result<Unpacked> {
     let reader = ParallelBzReader::open(image, threads).map_err(|e| {
         if e.kind() == io::ErrorKind::InvalidData {
@@ -65,6 +74,7 @@ pub fn unpack_image(
         }
     })?;
     fs::create_dir(dest).with_context(|| format!("creating {}", dest.display()))?;
+    let consumed = reader.consumed();
     let mut archive = tar::Archive::new(reader);
     let mut u = Unpacker {
         top: name.top_dir(),
@@ -82,7 +92,12 @@ pub fn unpack_image(
         .map_err(|e| Refused(format!("the image is not a tar archive: {e}")))?;
     for entry in entries {
         let entry = entry.map_err(|e| Refused(format!("the image is damaged: {e}")))?;
-        u.entry(entry, on_bytes)?;
+        u.entry(entry, &mut |written| {
+            on_progress(Progress {
+                written,
+                compressed: consumed.load(Ordering::Relaxed),
+            })
+        })?;
     }
     u.finish(name)
 }

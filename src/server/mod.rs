@@ -4,13 +4,14 @@
 //! missing digests; one waits for SIGTERM/SIGINT; each open connection has its own (see
 //! `crate::http`).
 
+pub mod health;
 pub mod index;
 pub mod routes;
 pub mod settings;
 pub mod watch;
 
 use std::io;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,12 +43,10 @@ pub fn run(settings: Settings) -> Result<()> {
     check_dir(&settings.dir)?;
     let index = Arc::new(index::Index::new(settings.dir.clone()));
     let watcher = watch::Watcher::new(index.clone(), settings.rescan)?;
-    let listener = TcpListener::bind((settings.bind, settings.port)).with_context(|| {
-        format!(
-            "cannot listen on {}",
-            SocketAddr::new(settings.bind, settings.port)
-        )
-    })?;
+    let listener = crate::cli::listen(
+        SocketAddr::new(settings.bind, settings.port),
+        &format!("--port N (or \"port\" in {})", settings::SETTINGS_ENV),
+    )?;
 
     let stop = Arc::new(AtomicBool::new(false));
     watcher

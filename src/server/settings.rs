@@ -145,10 +145,8 @@ fn parse_env(text: &str) -> Result<EnvSettings> {
                 let s = v
                     .as_str()
                     .with_context(|| format!("\"bind\" must be a string, not {v}"))?;
-                out.bind = Some(
-                    s.parse()
-                        .with_context(|| format!("\"bind\" {s:?} is not an IP address"))?,
-                );
+                out.bind =
+                    Some(crate::cli::parse_ip(s).map_err(|e| anyhow::anyhow!("\"bind\": {e}"))?);
             }
             "timeout_secs" => out.timeout_secs = Some(number(v, key)?),
             "rescan_secs" => out.rescan_secs = Some(number(v, key)?),
@@ -166,13 +164,20 @@ fn parse_env(text: &str) -> Result<EnvSettings> {
     Ok(out)
 }
 
-/// A non-negative integer that fits `T`, given as a JSON number or a string of digits (as env
-/// files tend to quote everything).
+/// A non-negative integer that fits `T`. A string of digits (env files and templates tend to
+/// quote everything) is read as its number with a warning, rather than refused: a deployment that
+/// ran with it before keeps running, and its log says what to fix.
 fn number<T: TryFrom<u64>>(v: &Value, key: &str) -> Result<T> {
     let n = match v {
         Value::Number(n) => n.as_u64(),
         Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-            s.parse().ok()
+            let n = s.parse().ok();
+            if let Some(n) = n {
+                log::warn!(
+                    "{SETTINGS_ENV}: {key:?} is the string {s:?}; read as the number {n} (write it without quotes)"
+                );
+            }
+            n
         }
         _ => None,
     };
@@ -246,6 +251,7 @@ mod tests {
             (r#"{"updates_dir": 3}"#, "must be a string"),
             (r#"{"updates_dir": ""}"#, "is empty"),
             (r#"{"bind": "everywhere"}"#, "not an IP address"),
+            (r#"{"bind": "localhost"}"#, "give 127.0.0.1"),
             (r#"{"timeout_secs": 0}"#, "at least 1 second"),
             (r#"{"max_connections": 0}"#, "at least 1"),
         ] {

@@ -48,8 +48,13 @@ pub fn outcome(status: &Status) -> (i32, String) {
     (code, status.message.clone())
 }
 
+/// An update that could not start: another one holds the lock (busy), or there is nothing to do.
 pub fn busy(e: RunError) -> (i32, String) {
-    (EXIT_BUSY, e.to_string())
+    let code = match e {
+        RunError::Busy(_) => EXIT_BUSY,
+        RunError::NothingToRollBack(_) => EXIT_FAILED,
+    };
+    (code, e.to_string())
 }
 
 pub fn update(engine: &Engine, force: bool) -> (i32, String) {
@@ -59,15 +64,22 @@ pub fn update(engine: &Engine, force: bool) -> (i32, String) {
     }
 }
 
+/// Confirms a pending update. With nothing pending it says so and succeeds: it is what every
+/// boot after a confirmed one finds, and an earlier failure is no business of this boot.
 pub fn confirm(engine: &Engine) -> (i32, String) {
+    let before = engine.status.get();
     match engine.confirm() {
-        Ok(s)
-            if s.pending.is_none()
-                && s.state != Step::Committed
-                && s.state != Step::RolledBack
-                && s.state != Step::Failed =>
-        {
-            (EXIT_OK, "nothing to confirm".into())
+        // A confirm that ran recorded an outcome (committed, rolled back or failed).
+        Ok(s) if before.pending.is_none() && s.last_result == before.last_result => {
+            let running = engine
+                .layout()
+                .installed_version()
+                .map(|v| format!("version {v} runs"))
+                .unwrap_or_else(|| "no release is installed yet".into());
+            (
+                EXIT_OK,
+                format!("nothing to confirm: no update is waiting for confirmation; {running}"),
+            )
         }
         Ok(s) => outcome(&s),
         Err(e) => busy(e),

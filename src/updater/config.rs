@@ -13,12 +13,8 @@ pub const UPDATES_EP: &str = "updates_ep";
 
 /// Reads the config file as a JSON object.
 pub fn read(path: &Path) -> Result<Map<String, Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| {
-        format!(
-            "cannot read box config {}; pass --box-config FILE",
-            path.display()
-        )
-    })?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the box config {}", path.display()))?;
     match serde_json::from_str::<Value>(&text) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => bail!("box config {} is not a JSON object", path.display()),

@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use crate::archive::unpack::Limits;
 use crate::fsutil::unix_now;
 use crate::image::Version;
-use crate::updater::http::{Http, HttpOptions};
+use crate::updater::http::{FetchError, Http, HttpOptions};
 use crate::updater::layout::Layout;
 use crate::updater::lock::{LockError, UpdateLock};
 use crate::updater::log::UpdateLog;
@@ -87,17 +87,28 @@ pub struct Engine {
     pub status: StatusStore,
     pub log: UpdateLog,
     pub http: Http,
+    /// Set when the daemon is asked to stop: an update in this process starts no further step
+    /// before the switch (see `request_stop`).
+    stopping: std::sync::Mutex<bool>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error(transparent)]
     Busy(#[from] LockError),
+    #[error("nothing to roll back to: {0}")]
+    NothingToRollBack(String),
 }
 
 impl Engine {
     pub fn new(mut settings: Settings) -> Result<Self> {
         let layout = &settings.layout;
+        if !layout.root.is_dir() {
+            bail!(
+                "the box root {} does not exist or is not a directory (--root names where the box's file system starts; create it first for a sandbox)",
+                layout.root.display()
+            );
+        }
         layout.create_dirs().with_context(|| {
             format!(
                 "cannot create the box layout under {}; check --root",
@@ -120,11 +131,50 @@ impl Engine {
             log: UpdateLog::new(layout.log_file()),
             http,
             settings,
+            stopping: std::sync::Mutex::new(false),
         })
+    }
+
+    /// Asks an update running in this process to stop at its next step, if that step comes
+    /// before the switch (the update then fails with that reason, and the box runs what it ran);
+    /// installing, switching, rebooting, confirming and rolling back go on to their end. Returns
+    /// the step the update is at now, as it was when the request was taken.
+    pub fn request_stop(&self) -> Step {
+        let mut stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+        *stopping = true;
+        self.status.get().state
     }
 
     pub fn layout(&self) -> &Layout {
         &self.settings.layout
+    }
+
+    /// The update server's base URL from the box config; an error says how to fix the config.
+    pub fn updates_ep(&self) -> Result<String> {
+        let path = &self.settings.box_config;
+        crate::updater::config::updates_ep(path).map_err(|e| {
+            if path.exists() {
+                e
+            } else if *path == self.layout().default_box_config() {
+                anyhow::anyhow!(
+                    "{e:#}; pass --box-config FILE if this box keeps its config elsewhere"
+                )
+            } else {
+                anyhow::anyhow!("{e:#} (given with --box-config)")
+            }
+        })
+    }
+
+    /// A failure to reach the update server, with where its address comes from.
+    pub fn unreachable_hint(&self, e: FetchError, server: &str) -> anyhow::Error {
+        if e.is_unreachable() {
+            anyhow::anyhow!(
+                "{e}; is update-server running at {server}? The box finds it by \"updates_ep\" in {}",
+                self.settings.box_config.display()
+            )
+        } else {
+            e.into()
+        }
     }
 
     /// Takes the lock at once or says who holds it: for asking whether an update runs.
@@ -178,14 +228,28 @@ impl Engine {
         }
     }
 
-    /// Switches back to the previous release by hand.
+    /// Switches back to the previous release by hand. A box without one is an error of its own,
+    /// not a failed update: nothing was tried, so nothing is recorded.
     pub fn rollback(&self, reason: &str) -> Result<Status, RunError> {
         let _lock = self.lock_for_run()?;
-        Ok(self.drive(State::rolling_back(self, reason)))
+        let to = crate::updater::states::rolling_back::target_by_hand(self).ok_or_else(|| {
+            RunError::NothingToRollBack(
+                self.layout()
+                    .installed_version()
+                    .map(|v| format!("version {v} is the only release on this box"))
+                    .unwrap_or_else(|| "no release is installed on this box yet".into()),
+            )
+        })?;
+        Ok(self.drive(State::rolling_back(self, to, reason)))
     }
 
     fn drive(&self, mut state: State) -> Status {
         loop {
+            // Under the stop lock, so that `request_stop` sees either this step or the refusal.
+            let stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
+            if *stopping && state.may_be_abandoned() {
+                state = state.abandon(self);
+            }
             let step = state.step();
             let message = state.describe();
             let target = state.target();
@@ -195,7 +259,14 @@ impl Engine {
                 if target.is_some() {
                     s.target_version = target;
                 }
+                // Byte counts belong to the step that made them: the installing step does not
+                // show what unpacking counted.
+                if !matches!(step, Step::Downloading | Step::Unpacking) {
+                    s.bytes_done = 0;
+                    s.bytes_total = None;
+                }
             });
+            drop(stopping);
             // A failure logs itself, once, as an error.
             if !message.is_empty() && step != Step::Failed {
                 self.log.info(&message);

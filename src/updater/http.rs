@@ -32,6 +32,17 @@ pub enum FetchError {
     Permanent(String),
 }
 
+/// How a failure to reach a server begins (see `FetchError::is_unreachable`).
+const UNREACHABLE: &str = "cannot reach ";
+
+impl FetchError {
+    /// Whether the server could not be reached at all (refused, no such host, no answer), as
+    /// opposed to an answer that was wrong.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, FetchError::Transient(m) if m.starts_with(UNREACHABLE))
+    }
+}
+
 pub struct Http {
     agent: Agent,
     no_redirect: Agent,
@@ -339,10 +350,15 @@ fn classify(url: &str, e: ureq::Error) -> FetchError {
         ));
     }
     match e {
-        ureq::Error::Io(_)
-        | ureq::Error::Timeout(_)
-        | ureq::Error::ConnectionFailed
-        | ureq::Error::HostNotFound => FetchError::Transient(format!("cannot reach {url}: {text}")),
+        ureq::Error::Io(io) if io.kind() == io::ErrorKind::ConnectionRefused => {
+            FetchError::Transient(format!("{UNREACHABLE}{url}: connection refused"))
+        }
+        ureq::Error::HostNotFound => {
+            FetchError::Transient(format!("{UNREACHABLE}{url}: its host name is not known"))
+        }
+        ureq::Error::Io(_) | ureq::Error::Timeout(_) | ureq::Error::ConnectionFailed => {
+            FetchError::Transient(format!("{UNREACHABLE}{url}: {text}"))
+        }
         _ => FetchError::Permanent(format!("request to {url} failed: {text}")),
     }
 }

@@ -28,9 +28,16 @@ impl UpdateLog {
             .open(&self.path)
     }
 
-    /// Appends one line; a log that can't be written must not stop an update.
+    /// Appends one line, and mirrors it to the process log; a log that can't be written must not
+    /// stop an update.
     pub fn line(&self, level: log::Level, msg: &str) {
         log::log!(level, "{msg}");
+        self.file_only(level, msg);
+    }
+
+    /// Appends one line to the file alone: for an update's final message, which the caller
+    /// prints (the command line) or logs (the daemon) once itself.
+    pub fn file_only(&self, level: log::Level, msg: &str) {
         if let Ok(mut f) = self.open() {
             let _ = writeln!(f, "{} {} {msg}", timestamp(), level.as_str().to_lowercase());
         }

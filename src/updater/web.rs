@@ -4,7 +4,7 @@
 //! keeps talking, and no request makes the daemon allocate by a size the client names.
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +12,7 @@ use std::sync::mpsc::{Sender, channel};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use nix::sys::signal::{SigSet, Signal};
 use serde_json::{Value, json};
 
 use crate::http::{self, Method, Request, RequestBody, Response};
@@ -19,6 +20,7 @@ use crate::updater::commands::status_json;
 use crate::updater::config;
 use crate::updater::engine::{Engine, Source};
 use crate::updater::hosts::HostGuard;
+use crate::updater::status::Step;
 
 /// The page: one self-contained file (HTML, CSS, JS inline), built into the binary.
 pub const PAGE: &str = include_str!("../../box-updater/page.html");
@@ -32,8 +34,11 @@ pub const MAX_CONNECTIONS: usize = 4096;
 /// an upload and a check fit many times over.
 pub const WORKERS: usize = 16;
 
+/// How long answers in flight may take to finish once the daemon is asked to stop.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
 pub struct WebOptions {
-    pub listen: String,
+    pub listen: SocketAddr,
     /// Required on every API request when set (`Authorization: Bearer …` or `X-Box-Token`).
     /// Unset, the box config's `updater_token` is; without that, a token generated once and kept
     /// in `var/lib/box-updater/web-token` is asked of every client but this machine's own.
@@ -99,16 +104,24 @@ fn generated_token(engine: &Engine) -> Result<String> {
     Ok(token)
 }
 
-/// Runs the confirm step of a pending update, then serves until the process is stopped.
+/// Runs the confirm step of a pending update, then serves until SIGTERM or SIGINT; then answers
+/// in flight get `STOP_GRACE` to finish, and an update this daemon runs is stopped where that
+/// loses nothing (see `stop_update`).
 pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
+    // Blocked here, before any thread starts, so that every thread inherits the mask and the
+    // signals are taken by `sigwait` in one thread. Child processes (install_update.sh) start
+    // with a clean mask: std resets it.
+    let mut waited = SigSet::empty();
+    waited.add(Signal::SIGTERM);
+    waited.add(Signal::SIGINT);
+    waited.thread_block().context("cannot block signals")?;
     if engine.status.get().pending.is_some() {
         match engine.confirm() {
             Ok(s) => log::info!("confirm at start: {}", s.message),
             Err(e) => log::warn!("confirm at start skipped: {e}"),
         }
     }
-    let listener = TcpListener::bind(&opts.listen)
-        .with_context(|| format!("cannot listen on {}", opts.listen))?;
+    let listener = crate::cli::listen(opts.listen, "--listen ADDR:PORT")?;
     let configured = opts.token.or_else(|| {
         config::read(&engine.settings.box_config)
             .ok()
@@ -144,6 +157,21 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
     );
     let engine = Arc::new(engine);
     let busy = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let (stop, engine) = (stop.clone(), Arc::clone(&engine));
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || {
+                if let Ok(sig) = waited.wait() {
+                    log::info!("got {sig}, stopping");
+                    // At once, so that a running update starts no further step meanwhile.
+                    engine.request_stop();
+                    stop.store(true, Ordering::SeqCst);
+                }
+            })
+            .context("cannot start the signal thread")?;
+    }
     let (tx, rx) = channel::<Job>();
     {
         let engine = Arc::clone(&engine);
@@ -171,6 +199,7 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
                         }
                     };
                     match result {
+                        Ok(s) if s.state == Step::Failed => log::error!("{}", s.message),
                         Ok(s) => log::info!("update finished: {}", s.message),
                         Err(e) => log::warn!("update not started: {e}"),
                     }
@@ -179,9 +208,9 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
             })?;
     }
     let web = Web {
-        engine,
+        engine: Arc::clone(&engine),
         jobs: tx,
-        busy,
+        busy: Arc::clone(&busy),
         token,
         loopback_free,
         hosts,
@@ -194,13 +223,55 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
         // Handlers stream uploads to disk, fsync the config and ask the update server.
         handlers: http::Handlers::Workers(WORKERS),
     };
-    // Never set: the daemon serves until it is stopped by a signal.
-    let stop = Arc::new(AtomicBool::new(false));
     let server = http::Server::new(listener, config, stop, move |req, body| {
         web.respond(req, body)
     })?;
     server.run();
+    let left = server.finish(STOP_GRACE);
+    if left > 0 {
+        log::warn!("{left} answers cut short by the stop");
+    }
+    stop_update(&engine, &busy);
+    log::info!("stopped");
     Ok(())
+}
+
+/// On a stop, an update this daemon runs is stopped where that loses nothing. The steps up to
+/// the box's install script are left at once: a download resumes at the next update, a
+/// half-unpacked release is removed at the next start, and the engine starts no further step.
+/// Once the install script runs, the update goes on through the switch and the reboot command
+/// (or the install script's failure): a stop never leaves a release half-installed, whatever
+/// the state file would survive.
+fn stop_update(engine: &Engine, busy: &AtomicBool) {
+    if !busy.load(Ordering::SeqCst) {
+        return;
+    }
+    // Taken again now: where the update stands after the answers in flight were finished.
+    let step = engine.request_stop();
+    let critical = |s: Step| {
+        matches!(
+            s,
+            Step::Installing
+                | Step::Switching
+                | Step::Rebooting
+                | Step::Confirming
+                | Step::RollingBack
+        )
+    };
+    if !critical(step) {
+        engine.log.warn(&format!(
+            "box-updater stopped while {}; the update is left there, and the next one starts over (a download resumes)",
+            step.words()
+        ));
+        return;
+    }
+    engine.log.info(&format!(
+        "box-updater is stopping: letting the update finish {} first",
+        step.words()
+    ));
+    while busy.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn json_reply(status: u16, body: &Value) -> Response {

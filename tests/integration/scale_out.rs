@@ -1,7 +1,12 @@
 //! Scale-out: update-server with `--public-base-url` keeps only the index endpoints and sends the
 //! image bytes to nginx (Debian's), as it would to a CDN or an S3-compatible store.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
 
 use crate::util::*;
 
@@ -13,10 +18,28 @@ struct Nginx {
     access_log: std::path::PathBuf,
 }
 
+impl Nginx {
+    /// nginx runs in a process group of its own: the master's pid.
+    fn group(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+}
+
 impl Drop for Nginx {
+    /// The way nginx wants to be stopped: SIGQUIT, and the master lets its workers finish, reaps
+    /// them and exits. (A SIGKILL of the master alone would orphan the workers, listening on.)
+    /// Should it not be gone within 10 s, the whole group is killed.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = kill(self.group(), Signal::SIGQUIT);
+        let t0 = Instant::now();
+        while let Ok(None) = self.child.try_wait() {
+            if t0.elapsed() > Duration::from_secs(10) {
+                let _ = killpg(self.group(), Signal::SIGKILL);
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -68,6 +91,7 @@ fn start_nginx_with(
         .arg(&conf_path)
         .arg("-p")
         .arg(&conf_dir)
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -146,6 +170,15 @@ fn images_are_served_by_nginx_while_update_server_keeps_the_index() {
     assert!(
         log.contains(&format!("GET /boxes/{name}.sha256 ")),
         "and its sidecar: {log}"
+    );
+
+    // Stopped, nginx leaves no worker behind: its process group is empty.
+    let group = nginx.group();
+    drop(nginx);
+    assert_eq!(
+        killpg(group, None),
+        Err(nix::errno::Errno::ESRCH),
+        "nginx's workers outlived it"
     );
 }
 

@@ -180,17 +180,6 @@ fn parse_reply(all: &[u8], to_head: bool) -> (Reply, &[u8]) {
 }
 
 /// Polls `f` until it holds or `within` passes; returns how long it took.
-fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let t0 = Instant::now();
-    while t0.elapsed() < within {
-        if f() {
-            return t0.elapsed();
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("{what}: not within {within:?}");
-}
-
 fn sha256_hex(bytes: &[u8]) -> String {
     use sha2::Digest;
     hex::encode(sha2::Sha256::digest(bytes))

@@ -4,7 +4,6 @@ use anyhow::{Context, Result, bail};
 
 use super::{Downloading, State, UpToDate};
 use crate::image::Version;
-use crate::updater::config;
 use crate::updater::engine::Engine;
 
 #[derive(Debug)]
@@ -22,10 +21,11 @@ pub struct Offer {
 
 /// Asks the server without installing anything (the page's check).
 pub fn check(engine: &Engine) -> Result<Offer> {
-    let server = config::updates_ep(&engine.settings.box_config)?;
+    let server = engine.updates_ep()?;
     let installed = engine.layout().installed_version();
     let url = format!("{server}/version");
-    let newest = match engine.http.get_text(&url, 1024)? {
+    let answer = engine.http.get_text(&url, 1024);
+    let newest = match answer.map_err(|e| engine.unreachable_hint(e, &server))? {
         None => None,
         Some(text) => Some(
             text.trim()
@@ -42,7 +42,7 @@ pub fn check(engine: &Engine) -> Result<Offer> {
 
 impl Checking {
     pub fn handle(self, engine: &Engine) -> Result<State> {
-        let server = config::updates_ep(&engine.settings.box_config)?;
+        let server = engine.updates_ep()?;
         let offer = check(engine)?;
         let Some(newest) = offer.newest else {
             bail!("the update server at {server} has no image yet");

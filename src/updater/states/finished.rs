@@ -55,7 +55,8 @@ impl Failed {
         let installed = engine.layout().installed_version();
         let target = engine.status.get().target_version;
         let msg = format!("update failed while {}: {}", self.step_name(), self.reason);
-        engine.log.error(&msg);
+        // The command line prints it, the daemon logs it: once each.
+        engine.log.file_only(log::Level::Error, &msg);
         let already = engine
             .status
             .get()

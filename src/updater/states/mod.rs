@@ -10,7 +10,7 @@ mod downloading;
 mod finished;
 mod installing;
 mod rebooting;
-mod rolling_back;
+pub mod rolling_back;
 mod switching;
 mod unpacking;
 mod verifying;
@@ -74,8 +74,8 @@ impl State {
         State::Confirming(Confirming { pending })
     }
 
-    pub fn rolling_back(engine: &Engine, reason: &str) -> State {
-        rolling_back::by_hand(engine, reason)
+    pub fn rolling_back(engine: &Engine, to: crate::image::ImageName, reason: &str) -> State {
+        rolling_back::by_hand(engine, to, reason)
     }
 
     pub fn failed(step: Step, reason: impl Into<String>) -> State {
@@ -101,6 +101,40 @@ impl State {
             State::RolledBack(_) => Step::RolledBack,
             State::Failed(_) => Step::Failed,
         }
+    }
+
+    /// Whether an update may end here on a stop request, losing nothing: the steps before the
+    /// box's own install script runs (a download resumes, a half-unpacked release is removed).
+    pub fn may_be_abandoned(&self) -> bool {
+        matches!(
+            self,
+            State::Checking(_)
+                | State::Downloading(_)
+                | State::Verifying(_)
+                | State::Unpacking(_)
+                | State::Installing(_)
+        )
+    }
+
+    /// Ends the update here on a stop request: a release unpacked for installing is removed,
+    /// and the update fails with the reason.
+    pub fn abandon(self, engine: &Engine) -> State {
+        if let State::Installing(s) = &self {
+            let _ = std::fs::remove_dir_all(engine.layout().release_dir(s.image));
+            let _ = std::fs::remove_file(&s.download);
+            let _ = std::fs::remove_file(crate::updater::http::meta_path(&s.download));
+        }
+        let running = engine
+            .layout()
+            .installed_version()
+            .map(|v| format!("version {v}"))
+            .unwrap_or_else(|| "its old software".into());
+        State::failed(
+            self.step(),
+            format!(
+                "box-updater was stopped before this step; nothing was switched, the box keeps running {running}"
+            ),
+        )
     }
 
     /// The version this state is moving the box to, where it knows one.

@@ -16,9 +16,9 @@ pub struct RollingBack {
     pub reason: String,
 }
 
-/// The target of a rollback asked for by hand: the pending update's previous release, else the
-/// newest release older than the running one.
-pub fn by_hand(engine: &Engine, reason: &str) -> State {
+/// The release a rollback by hand goes back to: the pending update's previous release, else the
+/// newest release older than the running one; `None` when the box has none.
+pub fn target_by_hand(engine: &Engine) -> Option<ImageName> {
     let layout = engine.layout();
     let current = layout.current();
     let pending_prev = engine
@@ -27,24 +27,22 @@ pub fn by_hand(engine: &Engine, reason: &str) -> State {
         .pending
         .and_then(|p| p.previous)
         .map(ImageName);
-    let target = pending_prev.or_else(|| {
+    pending_prev.or_else(|| {
         layout
             .releases()
             .into_iter()
             .rev()
             .find(|r| current.is_none_or(|c| r.version() < c.version()))
-    });
-    match target {
-        Some(to) => State::RollingBack(RollingBack {
-            to,
-            from: current,
-            reason: reason.to_string(),
-        }),
-        None => State::failed(
-            Step::RollingBack,
-            "there is no previous release on this box to roll back to",
-        ),
-    }
+    })
+}
+
+/// A rollback asked for by hand, to `to` (see `target_by_hand`).
+pub fn by_hand(engine: &Engine, to: ImageName, reason: &str) -> State {
+    State::RollingBack(RollingBack {
+        to,
+        from: engine.layout().current(),
+        reason: reason.to_string(),
+    })
 }
 
 impl RollingBack {

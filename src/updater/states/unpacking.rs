@@ -35,9 +35,10 @@ impl Unpacking {
             std::fs::remove_dir_all(partial.path())?;
         }
         let total = std::fs::metadata(&self.file).map(|m| m.len()).ok();
+        // Progress is shown against the image's (compressed) size, the one total known ahead.
         engine.status.update(|s| {
             s.bytes_done = 0;
-            s.bytes_total = None;
+            s.bytes_total = total;
         });
         let mut done = 0u64;
         let result = unpack_image(
@@ -46,10 +47,12 @@ impl Unpacking {
             partial.path(),
             engine.unpack_limits(),
             engine.settings.threads,
-            &mut |n| {
-                done += n;
+            &mut |p| {
+                done += p.written;
                 crate::updater::fault::point_at("unpack", done);
-                engine.status.update_progress(|s| s.bytes_done = done);
+                engine
+                    .status
+                    .update_progress(|s| s.bytes_done = p.compressed);
             },
         );
         if result.is_err() {
