@@ -1,8 +1,8 @@
 //! The update server: a watched directory of images served over HTTP.
 //!
-//! Threads: the caller's runs the accept loop; one watcher keeps the index; one hasher fills in
-//! missing digests; one waits for SIGTERM/SIGINT; each open connection has its own (see
-//! `crate::http`).
+//! Threads: the caller's waits for the stop; one event loop per core serves every connection
+//! (see `crate::http`); one watcher keeps the index; one hasher fills in missing digests; one
+//! waits for SIGTERM/SIGINT.
 
 pub mod health;
 pub mod index;

@@ -27,8 +27,8 @@ pub struct Settings {
     pub timeout: Duration,
     /// How often the directory is listed in full, for file systems where inotify misses events.
     pub rescan: Duration,
-    /// Connections served at once; each has its own thread, so a slow download never holds up
-    /// another client. Beyond this, new clients get 503.
+    /// Connections open at once (a socket and a few hundred bytes each, in the event loops);
+    /// beyond this, or the open-file limit, new clients get 503.
     pub max_connections: usize,
     /// Where the image files are served from when they are not served here (a CDN, an
     /// S3-compatible store, nginx): `/latest` and `/update/<name>` redirect to `<URL>/<name>`.
