@@ -82,6 +82,14 @@ enum Phase {
     Done,
 }
 
+/// Where a connection stands once an answer has gone out whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Then {
+    NextRequest,
+    Lingering,
+    Closed,
+}
+
 /// A loop's place for a connection: here, or out on a worker (its key stays taken).
 enum Slot {
     Here(Conn),
@@ -663,28 +671,8 @@ fn progress(conn: &mut Conn, shared: &Shared, scratch: &mut [u8], workers: bool)
                     return Next::Again;
                 }
                 Ok(Progress::Done) => {
-                    shared.busy.fetch_sub(1, Ordering::SeqCst);
-                    if let Some(log) = &answer.log {
-                        log.write(conn.peer, Ok(answer.out.body_sent()));
-                    }
-                    conn.since = Instant::now();
-                    match answer.after {
-                        After::KeepAlive => {
-                            conn.phase = Phase::Reading;
-                            conn.continued = false;
-                            conn.head_started = (!conn.buf.is_empty()).then_some(conn.since);
-                        }
-                        After::Close { drain } => {
-                            let _ = conn.stream.shutdown(Shutdown::Write);
-                            if !drain {
-                                conn.phase = Phase::Done;
-                                return Next::Close;
-                            }
-                            conn.phase = Phase::Lingering {
-                                until: conn.since + LINGER,
-                                drained: 0,
-                            };
-                        }
+                    if answered(conn, shared) == Then::Closed {
+                        return Next::Close;
                     }
                 }
                 Ok(Progress::Full) => {
@@ -732,6 +720,39 @@ fn progress(conn: &mut Conn, shared: &Shared, scratch: &mut [u8], workers: bool)
     }
 }
 
+/// After an answer has gone out whole: logs it, and moves the connection on to the next request
+/// or to its close.
+fn answered(conn: &mut Conn, shared: &Shared) -> Then {
+    shared.busy.fetch_sub(1, Ordering::SeqCst);
+    let Phase::Writing(answer) = std::mem::replace(&mut conn.phase, Phase::Done) else {
+        return Then::Closed;
+    };
+    if let Some(log) = &answer.log {
+        log.write(conn.peer, Ok(answer.out.body_sent()));
+    }
+    conn.since = Instant::now();
+    match answer.after {
+        After::KeepAlive => {
+            conn.phase = Phase::Reading;
+            conn.continued = false;
+            conn.head_started = (!conn.buf.is_empty()).then_some(conn.since);
+            Then::NextRequest
+        }
+        After::Close { drain } => {
+            let _ = conn.stream.shutdown(Shutdown::Write);
+            conn.buf = Vec::new();
+            if !drain {
+                return Then::Closed;
+            }
+            conn.phase = Phase::Lingering {
+                until: conn.since + LINGER,
+                drained: 0,
+            };
+            Then::Lingering
+        }
+    }
+}
+
 /// On a worker: answers the requests whose heads are in, then hands the connection back to its
 /// loop (to wait for the next request, or for the client to take the rest of an answer).
 pub(crate) fn work(job: Job, shared: &Shared) {
@@ -763,34 +784,10 @@ pub(crate) fn work(job: Job, shared: &Shared) {
         };
         match answer.out.advance(&conn.stream) {
             Ok(Progress::Done) => {
-                shared.busy.fetch_sub(1, Ordering::SeqCst);
-                if let Some(log) = &answer.log {
-                    log.write(conn.peer, Ok(answer.out.body_sent()));
-                }
-                conn.since = Instant::now();
-                match answer.after {
-                    After::KeepAlive => {
-                        conn.phase = Phase::Reading;
-                        conn.continued = false;
-                        conn.head_started = (!conn.buf.is_empty()).then_some(conn.since);
-                        // Only a whole pipelined head is answered here; a part waits on the loop.
-                        if head_end(&conn.buf).is_none() {
-                            break;
-                        }
-                    }
-                    After::Close { drain } => {
-                        let _ = conn.stream.shutdown(Shutdown::Write);
-                        conn.buf = Vec::new();
-                        conn.phase = if drain {
-                            Phase::Lingering {
-                                until: conn.since + LINGER,
-                                drained: 0,
-                            }
-                        } else {
-                            Phase::Done
-                        };
-                        break;
-                    }
+                // Only a whole pipelined head is answered here; a part waits on the loop.
+                if answered(&mut conn, shared) != Then::NextRequest || head_end(&conn.buf).is_none()
+                {
+                    break;
                 }
             }
             // The rest goes out from the loop as the client takes it.

@@ -246,26 +246,47 @@ mod tests {
         }
     }
 
-    #[test]
-    fn file_answers_carry_one_content_type_each() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("f");
-        std::fs::write(&p, b"0123456789").unwrap();
-        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
-        let answer = |headers: &str| {
+    /// A ten-byte file with ETag `"e"`, and the answer to a GET of it with `headers`.
+    struct TenBytes {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        mtime: SystemTime,
+    }
+
+    impl TenBytes {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("f");
+            std::fs::write(&path, b"0123456789").unwrap();
+            let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+            TenBytes {
+                _dir: dir,
+                path,
+                mtime,
+            }
+        }
+
+        fn answer(&self, headers: &str) -> Response {
             let head = format!("GET /f HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
             let req = parse_head(head.as_bytes()).unwrap();
             let meta = FileMeta {
                 size: 10,
-                mtime,
+                mtime: self.mtime,
                 etag: "\"e\"".into(),
             };
             let headers = vec![
                 ("Content-Type", "application/x-bzip2".into()),
                 ("Content-Disposition", "attachment; filename=\"f\"".into()),
             ];
-            file_response(&req, File::open(&p).unwrap(), meta, headers)
-        };
+            file_response(&req, File::open(&self.path).unwrap(), meta, headers)
+        }
+    }
+
+    #[test]
+    fn file_answers_carry_one_content_type_each() {
+        let f = TenBytes::new();
+        let mtime = f.mtime;
+        let answer = |headers: &str| f.answer(headers);
         let types = |r: &Response| -> Vec<String> {
             r.headers
                 .iter()
@@ -305,21 +326,9 @@ mod tests {
 
     #[test]
     fn preconditions_fail_with_412_in_the_order_of_rfc_9110() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("f");
-        std::fs::write(&p, b"0123456789").unwrap();
-        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
-        let answer = |headers: &str| {
-            let head = format!("GET /f HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
-            let req = parse_head(head.as_bytes()).unwrap();
-            let meta = FileMeta {
-                size: 10,
-                mtime,
-                etag: "\"e\"".into(),
-            };
-            let headers = vec![("Content-Type", "application/x-bzip2".into())];
-            file_response(&req, File::open(&p).unwrap(), meta, headers).status
-        };
+        let f = TenBytes::new();
+        let mtime = f.mtime;
+        let answer = |headers: &str| f.answer(headers).status;
         let now = http_date(mtime);
         let before = http_date(mtime - std::time::Duration::from_secs(60));
         for (headers, want) in [

@@ -121,7 +121,6 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
             Err(e) => log::warn!("confirm at start skipped: {e}"),
         }
     }
-    let listener = crate::cli::listen(opts.listen, "--listen ADDR:PORT")?;
     let configured = opts.token.or_else(|| {
         config::read(&engine.settings.box_config)
             .ok()
@@ -144,6 +143,9 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
             ),
         ),
     };
+    // Listening only once the token is settled: a client that finds the port open finds the
+    // token file too.
+    let listener = crate::cli::listen(opts.listen, "--listen ADDR:PORT")?;
     let hosts = HostGuard::new(listener.local_addr().ok(), &opts.allowed_hosts);
     log::info!(
         "serving the update page on http://{} (installed {}, {policy}); answering to {}",
