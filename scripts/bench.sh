@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every benchmark side by side against its real peer (Debian's tar/bzip2, wget, nginx) and
-# writes docs/benchmarks.md. Usage: scripts/bench.sh [part...]   (parts: build update server)
+# writes docs/benchmarks.md. Usage: scripts/bench.sh [part...]   (parts: build update server fleet)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -18,7 +18,7 @@ export BENCH_WORK=${BENCH_WORK:-$(mktemp -d /tmp/opq-bench.XXXXXX)}
 trap 'rm -rf "$BENCH_WORK"' EXIT
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(build update server)
+[ ${#parts[@]} -gt 0 ] || parts=(build update server fleet)
 results="$BENCH_WORK/results.md"
 : >"$results"
 for part in "${parts[@]}"; do
