@@ -22,8 +22,8 @@ use super::response::{Delivery, Outgoing, Response};
 /// What answers requests: the head, and the body (empty unless the server takes bodies).
 pub type Handler = dyn Fn(&Request<'_>, &mut RequestBody<'_>) -> Response + Send + Sync;
 
-/// The largest body an event loop reads whole before its handler runs (`Handlers::Inline`);
-/// a larger one is refused (413) unread.
+/// The largest body an event loop may read whole before its handler runs (`Handlers::Inline`;
+/// `Config::inline_body` may set less); a larger one is refused (413) unread.
 pub const INLINE_BODY: usize = 64 * 1024;
 
 /// Where a request's body comes from beyond the bytes that arrived with its head.
@@ -49,6 +49,8 @@ pub struct RequestBody<'a> {
     remaining: u64,
     /// A `100 Continue` is owed before the first read from the socket.
     continue_due: bool,
+    /// The most an event loop reads whole (`Buffered`): a longer body was left unread.
+    inline_limit: u64,
 }
 
 /// Why a body could not be had.
@@ -85,7 +87,13 @@ impl std::fmt::Display for BodyError {
 impl std::error::Error for BodyError {}
 
 impl<'a> RequestBody<'a> {
-    fn new(source: BodySource<'a>, after_head: &'a [u8], length: u64, expect: bool) -> Self {
+    fn new(
+        source: BodySource<'a>,
+        after_head: &'a [u8],
+        length: u64,
+        expect: bool,
+        inline_limit: u64,
+    ) -> Self {
         let buffered = &after_head[..after_head
             .len()
             .min(usize::try_from(length).unwrap_or(usize::MAX))];
@@ -96,6 +104,7 @@ impl<'a> RequestBody<'a> {
             announced: length,
             remaining: length,
             continue_due: expect && buffered.is_empty() && length > 0,
+            inline_limit,
         }
     }
 
@@ -114,7 +123,7 @@ impl<'a> RequestBody<'a> {
             && self.announced > self.buffered.len() as u64
         {
             return Err(BodyError::TooLarge {
-                limit: INLINE_BODY as u64,
+                limit: self.inline_limit,
             });
         }
         let mut out = Vec::with_capacity(self.announced as usize);
@@ -333,9 +342,10 @@ pub(crate) fn take_request(buf: &mut Vec<u8>, ctx: &Ctx<'_>, source: BodySource<
         }
         _ => 0,
     };
+    let inline_limit = ctx.config.inline_body.min(INLINE_BODY) as u64;
     if matches!(source, BodySource::Buffered)
         && length > 0
-        && length <= INLINE_BODY as u64
+        && length <= inline_limit
         && (after_head.len() as u64) < length
     {
         // The whole body first: a handler on the event loop never waits for the client.
@@ -344,7 +354,13 @@ pub(crate) fn take_request(buf: &mut Vec<u8>, ctx: &Ctx<'_>, source: BodySource<
             go_ahead: req.expect_continue,
         };
     }
-    let mut body = RequestBody::new(source, after_head, length, req.expect_continue);
+    let mut body = RequestBody::new(
+        source,
+        after_head,
+        length,
+        req.expect_continue,
+        inline_limit,
+    );
     let mut panicked = false;
     let resp = match catch_unwind(AssertUnwindSafe(|| (ctx.handler)(&req, &mut body))) {
         Ok(r) => r,

@@ -44,8 +44,8 @@ const MAX_LOOPS: usize = 8;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handlers {
     /// On the event loops, one per core: for handlers that never wait on anything but memory
-    /// and local files. A request body (at most `INLINE_BODY` bytes) is read whole before the
-    /// handler runs; a larger one is refused (413) unread.
+    /// and local files. A request body (at most `Config::inline_body` bytes) is read whole
+    /// before the handler runs; a larger one is refused (413) unread.
     Inline,
     /// On up to this many worker threads, beside one event loop: a handler may block, and reads
     /// a request body from the socket as it asks for it.
@@ -67,6 +67,10 @@ pub struct Config {
     /// 411 or 501). Without, a handler sees an empty body and a body sent anyway ends the
     /// connection after the answer.
     pub bodies: bool,
+    /// With `Handlers::Inline`, the largest body the loops read whole for a handler (at most
+    /// `INLINE_BODY`): the most any of the server's endpoints takes, so that a client announcing
+    /// more is refused at once and holds no more of the loops' memory than that.
+    pub inline_body: usize,
     /// Where handlers run.
     pub handlers: Handlers,
 }
@@ -240,6 +244,7 @@ mod tests {
             max_connections: 10_000,
             name: "test",
             bodies,
+            inline_body: INLINE_BODY,
             handlers,
         };
         let stop = Arc::new(AtomicBool::new(false));
@@ -363,6 +368,41 @@ mod tests {
             got.starts_with("HTTP/1.1 413 ") && got.contains("65536 bytes"),
             "{got}"
         );
+    }
+
+    #[test]
+    fn the_loops_read_no_body_past_the_servers_limit() {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let config = Config {
+            timeout: Duration::from_secs(5),
+            max_connections: 100,
+            name: "test",
+            bodies: true,
+            inline_body: 16,
+            handlers: Handlers::Inline,
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let server = Arc::new(Server::new(l, config, stop.clone(), echo).unwrap());
+        let r = Running {
+            addr: server.local_addr(),
+            stop,
+            server: Some(server.clone()),
+        };
+        std::thread::spawn(move || server.run());
+        // Announced past the limit and never sent: refused at once, not waited for.
+        let mut c = connect(&r);
+        c.write_all(b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 17\r\n\r\n")
+            .unwrap();
+        let t0 = Instant::now();
+        let got = all(c);
+        assert!(got.starts_with("HTTP/1.1 413 "), "{got}");
+        assert!(got.contains("16 bytes"), "{got}");
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        // Within it, read whole as ever.
+        let mut c = connect(&r);
+        c.write_all(b"POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 16\r\nConnection: close\r\n\r\n0123456789abcdef")
+            .unwrap();
+        assert!(all(c).ends_with("/b 0123456789abcdef\n"));
     }
 
     #[test]

@@ -75,9 +75,10 @@ pub fn run(settings: Settings) -> Result<()> {
         timeout: settings.timeout,
         max_connections: settings.max_connections,
         name: "update-server",
-        // For `POST /report` alone, which takes at most a few KiB: the loops read it whole
-        // before its handler runs.
+        // For `POST /report` alone: the loops read a report whole before its handler runs, and
+        // refuse a larger body (413) without reading it.
         bodies: true,
+        inline_body: crate::fleet::protocol::MAX_REPORT_BYTES as usize,
         // Every handler answers from memory or opens a local file (the fleet's too: its
         // database is written by a thread of its own): the loops run them.
         handlers: http::Handlers::Inline,

@@ -243,6 +243,8 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
         max_connections: opts.max_connections,
         name: "box-updater",
         bodies: true,
+        // Unused: workers read bodies from the socket as the handlers ask.
+        inline_body: 0,
         // Handlers stream uploads to disk, fsync the config and ask the update server.
         handlers: http::Handlers::Workers(WORKERS),
     };

@@ -24,6 +24,7 @@ fn main() {
         max_connections: 100_000,
         name: "core-option",
         bodies: false,
+        inline_body: 0,
         handlers: http::Handlers::Inline,
     };
     let listener = TcpListener::bind(&args[1]).unwrap();
