@@ -196,17 +196,19 @@ impl Server {
 /// Raises this process's soft limit on open files to its hard limit (as Go and nginx do):
 /// connections are file descriptors, and the usual soft limit of 1024 is far below what an
 /// event loop holds. Returns the soft limit in force.
+// rlim_t is 32 bits on 32-bit ARM (the Pi's armv7 build): the conversion is not useless there.
+#[allow(clippy::useless_conversion)]
 pub fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     match getrlimit(Resource::RLIMIT_NOFILE) {
         Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-            Ok(()) => hard,
+            Ok(()) => u64::from(hard),
             Err(e) => {
                 log::debug!("cannot raise the open-file limit to {hard}: {e}");
-                soft
+                u64::from(soft)
             }
         },
-        Ok((soft, _)) => soft,
+        Ok((soft, _)) => u64::from(soft),
         Err(_) => 1024,
     }
 }
