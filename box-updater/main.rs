@@ -104,9 +104,17 @@ struct Opts {
     /// Seconds to wait for a connection, and for each read, from the server.
     #[arg(long, global = true, value_name = "SECS", default_value_t = 30)]
     network_timeout: u64,
-    /// Access token the web API requires (else the box config's "updater_token", if set).
+    /// Access token the web API requires (else the box config's "updater_token"; else one the
+    /// box generates, asked of every client but this machine's own).
     #[arg(long, global = true, value_name = "TOKEN")]
     token: Option<String>,
+    /// No access token at all, from anywhere: anyone who can reach the box can update it.
+    #[arg(long, global = true, conflicts_with = "token")]
+    no_token: bool,
+    /// A name or address the page answers to beside the box's own addresses, host name and
+    /// localhost (repeatable; '*' for any, which lets DNS-rebinding pages in).
+    #[arg(long, global = true, value_name = "HOST")]
+    allowed_host: Vec<String>,
     /// Seconds a web client may stay silent (idle, or within a request) before it is dropped.
     #[arg(
         long,
@@ -116,6 +124,15 @@ struct Opts {
         hide = true
     )]
     web_timeout: u64,
+    /// Connections the web page and API hold open at once; more get 503.
+    #[arg(
+        long,
+        global = true,
+        value_name = "N",
+        default_value_t = opq_update::updater::web::MAX_CONNECTIONS,
+        hide = true
+    )]
+    web_max_connections: usize,
 }
 
 fn settings(opts: &Opts) -> anyhow::Result<Settings> {
@@ -154,7 +171,10 @@ fn main() {
             let opts = WebOptions {
                 listen: cli.opts.listen,
                 token: cli.opts.token.clone(),
+                no_token: cli.opts.no_token,
+                allowed_hosts: cli.opts.allowed_host.clone(),
                 timeout: Duration::from_secs(cli.opts.web_timeout.clamp(1, 3600)),
+                max_connections: cli.opts.web_max_connections.max(1),
             };
             match opq_update::updater::web::serve(engine, opts) {
                 Ok(()) => std::process::exit(0),

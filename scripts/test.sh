@@ -87,6 +87,8 @@ for pair in "${apt_needs[@]}"; do
 done
 [ -d /usr/aarch64-linux-gnu/lib ] || missing+=(libc6-dev-arm64-cross)
 [ -d /usr/arm-linux-gnueabihf/lib ] || missing+=(libc6-dev-armhf-cross)
+# REDbot's virtual environment needs venv (and its ensurepip), a package of its own on Debian.
+[ -x target/redbot-venv/bin/redbot ] || python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 # The fleet's tests start a PostgreSQL server of their own with initdb and pg_ctl.
 compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -103,6 +105,13 @@ if [ $system_test = 1 ]; then
     say "building the virtual box's test bed in the background (tests/system/build-rootfs.sh; log $rootfs_log)"
     setsid bash tests/system/build-rootfs.sh amd64 >/dev/null 2>"$rootfs_log" </dev/null &
     rootfs_pid=$!
+fi
+if [ ! -x target/redbot-venv/bin/redbot ]; then
+    say "installing REDbot 2.7.1 from PyPI into target/redbot-venv, for the HTTP lint test"
+    rm -rf target/redbot-venv
+    { python3 -m venv target/redbot-venv &&
+        target/redbot-venv/bin/pip install --quiet --disable-pip-version-check redbot==2.7.1; } ||
+        fail "could not install redbot into target/redbot-venv; is PyPI reachable? (pip config list)"
 fi
 if [ ! -d tests/browser/node_modules/playwright-core ]; then
     say "installing playwright-core from npm (tests/browser/package-lock.json), for the browser test"

@@ -1,26 +1,47 @@
-//! One connection, start to end: bounded request heads read against a deadline, request bodies
-//! read only as far as the handler wants them, keep-alive and pipelining, and the close.
+//! One request off a connection's buffer: the head found and checked against its limits, the
+//! body handed to the handler (already read, or read from the socket as the handler asks), and
+//! the answer made ready to go out, with what becomes of the connection after it.
 //!
-//! Nothing here allocates by a size the client gives: the head has a fixed buffer, and a body
-//! goes to the handler through a reader limited to its `Content-Length`. A body the handler does
-//! not read to its end is never drained; the connection closes after the answer.
+//! Nothing here allocates by a size the client gives: the head is at most `MAX_HEAD` bytes, and a
+//! body goes to the handler through a reader limited to its `Content-Length`. A body the handler
+//! does not read to its end is never drained; the connection closes after the answer.
 
 use std::borrow::Cow;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+
 use super::Config;
-use super::request::{Framing, HeadError, MAX_HEAD, Method, Request, parse_head};
-use super::response::{Delivery, Response, send};
+use super::request::{Framing, HeadError, MAX_HEAD, Method, Request, normalize_target, parse_head};
+use super::response::{Delivery, Outgoing, Response};
 
 /// What answers requests: the head, and the body (empty unless the server takes bodies).
 pub type Handler = dyn Fn(&Request<'_>, &mut RequestBody<'_>) -> Response + Send + Sync;
 
+/// The largest body an event loop may read whole before its handler runs (`Handlers::Inline`;
+/// `Config::inline_body` may set less); a larger one is refused (413) unread.
+pub const INLINE_BODY: usize = 64 * 1024;
+
+/// Where a request's body comes from beyond the bytes that arrived with its head.
+#[derive(Clone, Copy)]
+pub(crate) enum BodySource<'a> {
+    /// Nowhere: the event loop read it whole before the handler ran.
+    Buffered,
+    /// The socket, as the handler reads; each read waits at most `timeout` (worker threads).
+    Socket {
+        stream: &'a mio::net::TcpStream,
+        timeout: Duration,
+    },
+}
+
 /// A request's body as it arrives: the bytes that came with the head first, then the socket, never
-/// past `Content-Length`. Each read waits at most the connection's timeout.
+/// past `Content-Length`. Each read from the socket waits at most the connection's timeout.
 pub struct RequestBody<'a> {
-    stream: &'a TcpStream,
+    source: BodySource<'a>,
     buffered: &'a [u8],
     /// How much of `buffered` has been handed out.
     taken: usize,
@@ -28,12 +49,14 @@ pub struct RequestBody<'a> {
     remaining: u64,
     /// A `100 Continue` is owed before the first read from the socket.
     continue_due: bool,
+    /// The most an event loop reads whole (`Buffered`): a longer body was left unread.
+    inline_limit: u64,
 }
 
 /// Why a body could not be had.
 #[derive(Debug)]
 pub enum BodyError {
-    /// Announced larger than the handler takes; nothing was read.
+    /// Announced larger than the handler (or the server) takes; nothing was read.
     TooLarge { limit: u64 },
     /// The client stopped sending (timeout) or went away mid-body.
     Broken(io::Error),
@@ -64,17 +87,24 @@ impl std::fmt::Display for BodyError {
 impl std::error::Error for BodyError {}
 
 impl<'a> RequestBody<'a> {
-    fn new(stream: &'a TcpStream, after_head: &'a [u8], length: u64, expect: bool) -> Self {
+    fn new(
+        source: BodySource<'a>,
+        after_head: &'a [u8],
+        length: u64,
+        expect: bool,
+        inline_limit: u64,
+    ) -> Self {
         let buffered = &after_head[..after_head
             .len()
             .min(usize::try_from(length).unwrap_or(usize::MAX))];
         RequestBody {
-            stream,
+            source,
             buffered,
             taken: 0,
             announced: length,
             remaining: length,
             continue_due: expect && buffered.is_empty() && length > 0,
+            inline_limit,
         }
     }
 
@@ -89,9 +119,34 @@ impl<'a> RequestBody<'a> {
         if self.announced > limit {
             return Err(BodyError::TooLarge { limit });
         }
+        if matches!(self.source, BodySource::Buffered)
+            && self.announced > self.buffered.len() as u64
+        {
+            return Err(BodyError::TooLarge {
+                limit: self.inline_limit,
+            });
+        }
         let mut out = Vec::with_capacity(self.announced as usize);
         self.read_to_end(&mut out).map_err(BodyError::Broken)?;
         Ok(out)
+    }
+
+    /// How much of what came with the head the handler took.
+    fn consumed(&self) -> usize {
+        self.taken
+    }
+}
+
+/// Waits until `fd` is ready for `flags`, at most `timeout`; `TimedOut` (with `what`) if not.
+fn wait_for(fd: &impl AsFd, flags: PollFlags, timeout: Duration, what: &str) -> io::Result<()> {
+    let t = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+    loop {
+        match poll(&mut [PollFd::new(fd.as_fd(), flags)], t) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::TimedOut, what.to_string())),
+            Ok(_) => return Ok(()),
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
 }
 
@@ -111,211 +166,257 @@ impl Read for RequestBody<'_> {
             self.remaining -= n as u64;
             return Ok(n);
         }
+        let BodySource::Socket { stream, timeout } = self.source else {
+            return Err(io::Error::other(
+                "this server reads no request body that large",
+            ));
+        };
         if self.continue_due {
             self.continue_due = false;
-            let mut stream = self.stream;
-            stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+            let mut go = &b"HTTP/1.1 100 Continue\r\n\r\n"[..];
+            while !go.is_empty() {
+                match (&mut &*stream).write(go) {
+                    Ok(n) => go = &go[n..],
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_for(
+                        stream,
+                        PollFlags::POLLOUT,
+                        timeout,
+                        "the client reads nothing",
+                    )?,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
         }
-        let mut stream = self.stream;
         loop {
-            return match stream.read(&mut out[..want]) {
-                Ok(0) => Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "the client closed the connection {} bytes short",
-                        self.remaining
-                    ),
-                )),
+            match (&mut &*stream).read(&mut out[..want]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the client closed the connection {} bytes short",
+                            self.remaining
+                        ),
+                    ));
+                }
                 Ok(n) => {
                     self.remaining -= n as u64;
-                    Ok(n)
+                    return Ok(n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "the client stopped sending its body",
-                    ))
-                }
-                Err(e) => Err(e),
-            };
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_for(
+                    stream,
+                    PollFlags::POLLIN,
+                    timeout,
+                    "the client stopped sending its body",
+                )?,
+                Err(e) => return Err(e),
+            }
         }
     }
 }
 
-/// Serves one connection until the client closes it, it times out, or `stop()` says so.
-/// `handle` answers each request; `busy` hears when a request starts and ends being answered.
-pub fn serve_connection(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    config: &Config,
-    handle: &Handler,
-    stop: &dyn Fn() -> bool,
-    busy: &dyn Fn(bool),
-) {
-    let mut buf = vec![0u8; MAX_HEAD];
-    let mut filled = 0usize;
-    loop {
-        // Read until a whole head is in, or it can't be.
-        let mut started = (filled > 0).then(Instant::now);
-        let head_len = loop {
-            // Blank lines before a request line are to be ignored (RFC 9112, 2.2).
-            let blank = buf[..filled]
-                .iter()
-                .take_while(|&&b| b == b'\r' || b == b'\n')
-                .count();
-            if blank > 0 {
-                buf.copy_within(blank..filled, 0);
-                filled -= blank;
-            }
-            if let Some(n) = head_end(&buf[..filled]) {
-                break Some(n);
-            }
-            if filled == buf.len() {
-                break None;
-            }
-            if started.is_some_and(|t| t.elapsed() > config.timeout) {
-                refuse(stream, peer, config, 408, "request head too slow\n");
-                return;
-            }
-            match stream.read(&mut buf[filled..]) {
-                Ok(0) => return,
-                Ok(n) => {
-                    started.get_or_insert_with(Instant::now);
-                    filled += n;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    if filled > 0 {
-                        refuse(stream, peer, config, 408, "request head too slow\n");
-                    }
-                    return;
-                }
-                Err(_) => return,
-            }
-        };
-        let Some(head_len) = head_len else {
-            // An over-long request line can only carry an over-long path: nothing routes it.
-            if !buf.contains(&b'\n') {
-                refuse(stream, peer, config, 404, "not found\n");
-            } else {
-                refuse(stream, peer, config, 431, "request head too large\n");
-            }
-            return;
-        };
-        let t0 = Instant::now();
-        let (head, after) = buf[..filled].split_at(head_len);
-        let req = match parse_head(head) {
-            Ok(mut r) => {
-                r.peer = Some(peer);
-                r
-            }
-            Err(HeadError::Version) => {
-                refuse(
-                    stream,
-                    peer,
-                    config,
-                    505,
-                    "only HTTP/1.0 and HTTP/1.1 are spoken here\n",
-                );
-                return;
-            }
-            Err(HeadError::Malformed(why)) => {
-                log::debug!("{peer} sent a malformed request: {why}");
-                refuse(stream, peer, config, 400, "bad request\n");
-                return;
-            }
-        };
-        let length = match req.framing {
-            Framing::Length(n) if config.bodies => n,
-            Framing::Encoded { chunked } if config.bodies => {
-                log::debug!(
-                    "{peer} {} {} sent a transfer-coded body",
-                    req.method_text,
-                    shorten(req.target)
-                );
-                if chunked {
-                    refuse(
-                        stream,
-                        peer,
-                        config,
-                        411,
-                        "chunked request bodies are not accepted: send Content-Length\n",
-                    );
-                } else {
-                    refuse(
-                        stream,
-                        peer,
-                        config,
-                        501,
-                        "transfer codings are not supported: send Content-Length\n",
-                    );
-                }
-                return;
-            }
-            _ => 0,
-        };
+/// What the connection serving a request knows of its surroundings.
+pub(crate) struct Ctx<'a> {
+    pub config: &'a Config,
+    pub handler: &'a Handler,
+    pub peer: SocketAddr,
+    /// Set when the server stops: no connection is kept alive past its answer.
+    pub stop: &'a std::sync::atomic::AtomicBool,
+}
 
-        busy(true);
-        let mut body = RequestBody::new(&stream, after, length, req.expect_continue && !req.http10);
-        let resp = handle(&req, &mut body);
-        let (unread, taken) = (body.remaining, body.taken);
-        let status = resp.status;
-        // A body left unread is not waited for: the connection ends after the answer.
-        let keep_alive =
-            req.keep_alive && unread == 0 && (config.bodies || !req.has_body()) && !stop();
-        let result = send(
-            &mut stream,
-            resp,
-            Delivery {
-                head_only: req.method() == Method::Head,
-                keep_alive,
-                http10: req.http10,
-                server: config.name,
-            },
-        );
-        busy(false);
-        let ms = t0.elapsed().as_millis();
-        let shown = shorten(req.target);
+/// What to do after an answer has gone out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum After {
+    KeepAlive,
+    /// Close; `drain` when the client may still be sending (a body, the rest of a refused head),
+    /// so that the close does not turn into a reset that destroys the answer in flight.
+    Close {
+        drain: bool,
+    },
+}
+
+/// The access-log line of a request, written when its answer is out.
+pub(crate) struct LogLine {
+    method: String,
+    target: String,
+    status: u16,
+    t0: Instant,
+}
+
+impl LogLine {
+    pub fn write(&self, peer: SocketAddr, result: Result<u64, &io::Error>) {
+        let ms = self.t0.elapsed().as_millis();
+        let LogLine {
+            method,
+            target,
+            status,
+            ..
+        } = self;
         match result {
-            Ok(bytes) => log::info!("{peer} {} {shown} {status} {bytes} {ms}ms", req.method_text),
-            Err(e) => {
-                log::info!(
-                    "{peer} {} {shown} {status} aborted {ms}ms: {e}",
-                    req.method_text
-                );
-                return;
-            }
+            Ok(bytes) => log::info!("{peer} {method} {target} {status} {bytes} {ms}ms"),
+            Err(e) => log::info!("{peer} {method} {target} {status} aborted {ms}ms: {e}"),
         }
-        if !keep_alive {
-            // Without bodies, one the client sent is still on its way; with them, only the
-            // part the handler left.
-            let on_its_way = if config.bodies {
-                unread > 0
-            } else {
-                req.has_body()
-            };
-            linger_close(stream, on_its_way);
-            return;
-        }
-        let used = head_len + taken;
-        buf.copy_within(used..filled, 0);
-        filled -= used;
     }
+}
+
+/// An answer ready to go out.
+pub(crate) struct Answer {
+    pub out: Outgoing,
+    pub after: After,
+    pub log: Option<LogLine>,
+}
+
+/// What became of the bytes at the start of a connection's buffer.
+pub(crate) enum Step {
+    /// No whole request yet: read more, letting the buffer grow to `limit` bytes; `go_ahead`
+    /// when the client waits for a `100 Continue` before it sends the body.
+    NeedMore {
+        limit: usize,
+        go_ahead: bool,
+    },
+    Answer(Answer),
+}
+
+/// Takes the request at the start of `buf` (leading blank lines are dropped, as RFC 9112 2.2
+/// allows), answers it, and removes what it consumed from `buf`.
+pub(crate) fn take_request(buf: &mut Vec<u8>, ctx: &Ctx<'_>, source: BodySource<'_>) -> Step {
+    let blank = buf
+        .iter()
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count();
+    if blank > 0 {
+        buf.drain(..blank);
+    }
+    let Some(mut head_len) = head_end(buf) else {
+        if buf.len() < MAX_HEAD {
+            return Step::NeedMore {
+                limit: MAX_HEAD,
+                go_ahead: false,
+            };
+        }
+        // An over-long request line can only carry an over-long path: nothing routes it.
+        return Step::Answer(if !buf.contains(&b'\n') {
+            refuse(ctx, 404, "not found\n")
+        } else {
+            refuse(ctx, 431, "request head too large\n")
+        });
+    };
+    let t0 = Instant::now();
+    head_len -= normalize_target(buf, head_len);
+    let (head, after_head) = buf.split_at(head_len);
+    let mut req = match parse_head(head) {
+        Ok(r) => r,
+        Err(HeadError::Version) => {
+            return Step::Answer(refuse(
+                ctx,
+                505,
+                "only HTTP/1.0 and HTTP/1.1 are spoken here\n",
+            ));
+        }
+        Err(HeadError::Malformed(why)) => {
+            log::debug!("{} sent a malformed request: {why}", ctx.peer);
+            return Step::Answer(refuse(ctx, 400, "bad request\n"));
+        }
+    };
+    req.peer = Some(ctx.peer);
+    let bodies = ctx.config.bodies;
+    let length = match req.framing {
+        Framing::Length(n) if bodies => n,
+        Framing::Encoded { chunked } if bodies => {
+            log::debug!(
+                "{} {} {} sent a transfer-coded body",
+                ctx.peer,
+                req.method_text,
+                shorten(req.target)
+            );
+            return Step::Answer(if chunked {
+                refuse(
+                    ctx,
+                    411,
+                    "request bodies must come with Content-Length, not chunked\n",
+                )
+            } else {
+                refuse(ctx, 501, "this transfer coding is not understood\n")
+            });
+        }
+        _ => 0,
+    };
+    let inline_limit = ctx.config.inline_body.min(INLINE_BODY) as u64;
+    if matches!(source, BodySource::Buffered)
+        && length > 0
+        && length <= inline_limit
+        && (after_head.len() as u64) < length
+    {
+        // The whole body first: a handler on the event loop never waits for the client.
+        return Step::NeedMore {
+            limit: head_len + length as usize,
+            go_ahead: req.expect_continue,
+        };
+    }
+    let mut body = RequestBody::new(
+        source,
+        after_head,
+        length,
+        req.expect_continue,
+        inline_limit,
+    );
+    let mut panicked = false;
+    let resp = match catch_unwind(AssertUnwindSafe(|| (ctx.handler)(&req, &mut body))) {
+        Ok(r) => r,
+        Err(_) => {
+            panicked = true;
+            // A bug in a handler costs one request, never the loop or the worker.
+            log::error!(
+                "answering {} {} {} panicked",
+                ctx.peer,
+                req.method_text,
+                shorten(req.target)
+            );
+            Response::text(500, "internal error\n")
+        }
+    };
+    let status = resp.status;
+    let taken = body.consumed();
+    let unread = body.remaining;
+    let keep_alive = req.keep_alive
+        && unread == 0
+        && (bodies || !req.has_body())
+        && !panicked
+        && !ctx.stop.load(std::sync::atomic::Ordering::SeqCst);
+    let out = Outgoing::new(
+        resp,
+        Delivery {
+            head_only: req.method() == Method::Head,
+            keep_alive,
+            http10: req.http10,
+            server: ctx.config.name,
+        },
+    );
+    let log = log::log_enabled!(log::Level::Info).then(|| LogLine {
+        method: req.method_text.to_string(),
+        target: shorten(req.target).into_owned(),
+        status,
+        t0,
+    });
+    // Without bodies, one the client sent is still on its way; with them, only the part the
+    // handler left.
+    let on_its_way = if bodies { unread > 0 } else { req.has_body() };
+    let after = if keep_alive {
+        After::KeepAlive
+    } else {
+        After::Close { drain: on_its_way }
+    };
+    if after == After::KeepAlive {
+        buf.drain(..head_len + taken);
+    } else {
+        buf.clear();
+    }
+    Step::Answer(Answer { out, after, log })
 }
 
 /// The length of the head in `buf` (through its blank line), if it is all there.
-fn head_end(buf: &[u8]) -> Option<usize> {
+pub fn head_end(buf: &[u8]) -> Option<usize> {
     let mut i = 0;
     while let Some(p) = buf[i..].iter().position(|&b| b == b'\n') {
         let at = i + p;
@@ -341,210 +442,30 @@ fn shorten(s: &str) -> Cow<'_, str> {
     }
 }
 
-/// Answers a request that can't be taken, and closes.
-fn refuse(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    config: &Config,
-    status: u16,
-    body: &'static str,
-) {
-    log::info!("{peer} - - {status} {} 0ms", body.len());
+/// The answer to a request that can't be taken; the connection closes after it.
+pub(crate) fn refuse(ctx: &Ctx<'_>, status: u16, body: &'static str) -> Answer {
+    log::info!("{} - - {status} {} 0ms", ctx.peer, body.len());
     let how = Delivery {
         head_only: false,
         keep_alive: false,
         http10: false,
-        server: config.name,
+        server: ctx.config.name,
     };
-    if send(&mut stream, Response::text(status, body), how).is_ok() {
-        linger_close(stream, true);
-    }
-}
-
-/// Closes after the answer has left: when the client may still be sending (a body, the rest of
-/// a refused head), what it sends is read and dropped for a moment, so that the close does not
-/// turn into a reset that destroys the answer in flight.
-fn linger_close(mut stream: TcpStream, drain: bool) {
-    let _ = stream.shutdown(Shutdown::Write);
-    if !drain {
-        return;
-    }
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
-    let mut sink = [0u8; 4096];
-    let mut drained = 0usize;
-    while Instant::now() < deadline && drained < 256 * 1024 {
-        match stream.read(&mut sink) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => drained += n,
-        }
+    Answer {
+        out: Outgoing::new(Response::text(status, body), how),
+        after: After::Close { drain: true },
+        log: None,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::TcpListener;
-    use std::sync::Arc;
 
     #[test]
     fn head_end_finds_the_blank_line() {
         assert_eq!(head_end(b"GET / HTTP/1.0\r\n\r\nrest"), Some(18));
         assert_eq!(head_end(b"GET / HTTP/1.0\n\nrest"), Some(16));
         assert_eq!(head_end(b"GET / HTTP/1.0\r\nHost: x\r\n"), None);
-    }
-
-    /// Serves one connection on a loopback socket with `handle`; returns the client's end.
-    fn connection(
-        bodies: bool,
-        handle: impl Fn(&Request<'_>, &mut RequestBody<'_>) -> Response + Send + Sync + 'static,
-    ) -> (TcpStream, std::thread::JoinHandle<()>) {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let client = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        client
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let (server, peer) = l.accept().unwrap();
-        server
-            .set_read_timeout(Some(Duration::from_millis(500)))
-            .unwrap();
-        let config = Config {
-            timeout: Duration::from_millis(500),
-            max_connections: 1,
-            name: "test",
-            bodies,
-        };
-        let handle: Arc<Handler> = Arc::new(handle);
-        let t = std::thread::spawn(move || {
-            serve_connection(server, peer, &config, &*handle, &|| false, &|_| {});
-        });
-        (client, t)
-    }
-
-    /// Everything the server sends until it closes.
-    fn all(mut c: TcpStream) -> String {
-        let mut out = Vec::new();
-        let _ = c.read_to_end(&mut out);
-        String::from_utf8_lossy(&out).into_owned()
-    }
-
-    fn echo(req: &Request<'_>, body: &mut RequestBody<'_>) -> Response {
-        match body.read_to_vec(16) {
-            Ok(b) => Response::text(
-                200,
-                format!("{} {}\n", req.target, String::from_utf8_lossy(&b)),
-            ),
-            Err(e) => Response::text(e.status(), e.to_string()),
-        }
-    }
-
-    #[test]
-    fn bodies_are_read_by_length_and_the_next_request_follows() {
-        let (mut c, t) = connection(true, echo);
-        c.write_all(
-            b"POST /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhelloPOST /b HTTP/1.1\r\n\
-              Host: x\r\nContent-Length: 3\r\n\r\nbye\
-              GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .unwrap();
-        let got = all(c);
-        t.join().unwrap();
-        let bodies: Vec<&str> = got
-            .split("\r\n\r\n")
-            .skip(1)
-            .map(|b| b.split("HTTP/1.1").next().unwrap())
-            .collect();
-        assert_eq!(bodies, ["/a hello\n", "/b bye\n", "/c \n"], "{got}");
-        assert_eq!(got.matches("HTTP/1.1 200 OK").count(), 3, "{got}");
-    }
-
-    #[test]
-    fn a_body_refused_unread_ends_the_connection_and_allocates_nothing() {
-        let (mut c, t) = connection(true, echo);
-        c.write_all(
-            b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999999999\r\n\r\nsome",
-        )
-        .unwrap();
-        let got = all(c);
-        t.join().unwrap();
-        assert!(
-            got.starts_with("HTTP/1.1 413 Content Too Large\r\n"),
-            "{got}"
-        );
-        assert!(got.contains("\r\nConnection: close\r\n"), "{got}");
-    }
-
-    #[test]
-    fn a_body_that_never_comes_times_out() {
-        let (mut c, t) = connection(true, echo);
-        c.write_all(b"POST /slow HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
-            .unwrap();
-        let t0 = Instant::now();
-        let got = all(c);
-        t.join().unwrap();
-        assert!(got.starts_with("HTTP/1.1 408 "), "{got}");
-        assert!(t0.elapsed() < Duration::from_secs(5));
-    }
-
-    #[test]
-    fn transfer_codings_are_refused_clearly() {
-        for (te, want) in [("chunked", "HTTP/1.1 411 "), ("gzip", "HTTP/1.1 501 ")] {
-            let (mut c, t) = connection(true, echo);
-            c.write_all(
-                format!("POST /a HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {te}\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
-                    .as_bytes(),
-            )
-            .unwrap();
-            let got = all(c);
-            t.join().unwrap();
-            assert!(got.starts_with(want), "{te}: {got}");
-            assert!(got.contains("Content-Length"), "{te}: {got}");
-        }
-    }
-
-    #[test]
-    fn without_bodies_the_handler_sees_none_and_the_connection_closes() {
-        let (mut c, t) = connection(false, echo);
-        c.write_all(b"GET /a HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
-            .unwrap();
-        let got = all(c);
-        t.join().unwrap();
-        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
-        assert!(
-            got.contains("Connection: close\r\n") && got.ends_with("/a \n"),
-            "{got}"
-        );
-    }
-
-    #[test]
-    fn the_go_ahead_comes_only_when_the_body_is_wanted() {
-        let (mut c, t) = connection(true, echo);
-        c.write_all(
-            b"POST /a HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
-        )
-        .unwrap();
-        let mut first = [0u8; 25];
-        c.read_exact(&mut first).unwrap();
-        assert_eq!(&first, b"HTTP/1.1 100 Continue\r\n\r\n");
-        c.write_all(b"ok").unwrap();
-        c.shutdown(Shutdown::Write).unwrap();
-        let got = all(c);
-        t.join().unwrap();
-        assert!(
-            got.starts_with("HTTP/1.1 200 OK") && got.ends_with("/a ok\n"),
-            "{got}"
-        );
-
-        let (mut c, t) = connection(true, echo);
-        c.write_all(
-            b"POST /a HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 99\r\n\r\n",
-        )
-        .unwrap();
-        let got = all(c);
-        t.join().unwrap();
-        assert!(
-            got.starts_with("HTTP/1.1 413 "),
-            "refused without a go-ahead: {got}"
-        );
     }
 }

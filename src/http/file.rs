@@ -1,5 +1,7 @@
-//! Answers for a file: conditional requests (`If-None-Match`, `If-Modified-Since`), ranges and
-//! `If-Range`, so that an interrupted download resumes where it stopped.
+//! Answers for a file: the conditional requests of RFC 9110 (13.2.2: `If-Match`,
+//! `If-Unmodified-Since`, `If-None-Match`, `If-Modified-Since`, in that order), ranges and
+//! `If-Range`, so that an interrupted download resumes where it stopped and a client that holds
+//! a copy learns whether it is still the one served.
 
 use std::borrow::Cow;
 use std::fs::File;
@@ -81,6 +83,21 @@ pub fn none_match(list: &str, etag: &str) -> bool {
     list.split(',').any(|t| t.trim() == "*" || strip(t) == etag)
 }
 
+/// Whether an `If-Match` list matches `etag` (strong comparison, RFC 9110 13.1.1: a weak tag
+/// never matches).
+pub fn strong_match(list: &str, etag: &str) -> bool {
+    list.split(',')
+        .map(str::trim)
+        .any(|t| t == "*" || (!t.starts_with("W/") && t == etag.trim()))
+}
+
+/// Seconds since the epoch: HTTP dates have whole seconds.
+fn secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// The file a response is about: its size and its validators.
 pub struct FileMeta {
     pub size: u64,
@@ -109,6 +126,33 @@ pub fn file_response(
         .push(("Last-Modified", last_modified.clone().into()));
     resp.headers.push(("Accept-Ranges", "bytes".into()));
 
+    // RFC 9110 13.2.2: If-Match, else If-Unmodified-Since; then If-None-Match, else
+    // If-Modified-Since. An unparsable date makes its header count as absent.
+    let failed = if req.header("if-match").is_some() {
+        !req.header_values("if-match")
+            .any(|list| strong_match(list, &etag))
+    } else {
+        match req
+            .header("if-unmodified-since")
+            .map(httpdate::parse_http_date)
+        {
+            Some(Ok(since)) => secs(mtime) > secs(since),
+            _ => false,
+        }
+    };
+    if failed {
+        resp.status = 412;
+        resp.headers.retain(|(n, _)| {
+            !n.eq_ignore_ascii_case("Content-Type")
+                && !n.eq_ignore_ascii_case("Content-Disposition")
+        });
+        resp.headers
+            .push(("Content-Type", "text/plain; charset=utf-8".into()));
+        resp.body = Body::Bytes(Cow::Borrowed(
+            b"precondition failed: the file is not the one you named (it changed)\n",
+        ));
+        return resp;
+    }
     let not_modified = if req.header("if-none-match").is_some() {
         req.header_values("if-none-match")
             .any(|list| none_match(list, &etag))
@@ -117,15 +161,7 @@ pub fn file_response(
             .header("if-modified-since")
             .map(httpdate::parse_http_date)
         {
-            Some(Ok(since)) => {
-                // HTTP dates have whole seconds.
-                let secs = |t: SystemTime| {
-                    t.duration_since(SystemTime::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0)
-                };
-                secs(mtime) <= secs(since)
-            }
+            Some(Ok(since)) => secs(mtime) <= secs(since),
             _ => false,
         }
     };
@@ -210,26 +246,47 @@ mod tests {
         }
     }
 
-    #[test]
-    fn file_answers_carry_one_content_type_each() {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("f");
-        std::fs::write(&p, b"0123456789").unwrap();
-        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
-        let answer = |headers: &str| {
+    /// A ten-byte file with ETag `"e"`, and the answer to a GET of it with `headers`.
+    struct TenBytes {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        mtime: SystemTime,
+    }
+
+    impl TenBytes {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("f");
+            std::fs::write(&path, b"0123456789").unwrap();
+            let mtime = std::fs::metadata(&path).unwrap().modified().unwrap();
+            TenBytes {
+                _dir: dir,
+                path,
+                mtime,
+            }
+        }
+
+        fn answer(&self, headers: &str) -> Response {
             let head = format!("GET /f HTTP/1.1\r\nHost: x\r\n{headers}\r\n");
             let req = parse_head(head.as_bytes()).unwrap();
             let meta = FileMeta {
                 size: 10,
-                mtime,
+                mtime: self.mtime,
                 etag: "\"e\"".into(),
             };
             let headers = vec![
                 ("Content-Type", "application/x-bzip2".into()),
                 ("Content-Disposition", "attachment; filename=\"f\"".into()),
             ];
-            file_response(&req, File::open(&p).unwrap(), meta, headers)
-        };
+            file_response(&req, File::open(&self.path).unwrap(), meta, headers)
+        }
+    }
+
+    #[test]
+    fn file_answers_carry_one_content_type_each() {
+        let f = TenBytes::new();
+        let mtime = f.mtime;
+        let answer = |headers: &str| f.answer(headers);
         let types = |r: &Response| -> Vec<String> {
             r.headers
                 .iter()
@@ -268,7 +325,42 @@ mod tests {
     }
 
     #[test]
+    fn preconditions_fail_with_412_in_the_order_of_rfc_9110() {
+        let f = TenBytes::new();
+        let mtime = f.mtime;
+        let answer = |headers: &str| f.answer(headers).status;
+        let now = http_date(mtime);
+        let before = http_date(mtime - std::time::Duration::from_secs(60));
+        for (headers, want) in [
+            ("If-Match: \"e\"\r\n", 200),
+            ("If-Match: \"x\", \"e\"\r\n", 200),
+            ("If-Match: *\r\n", 200),
+            ("If-Match: \"x\"\r\n", 412),
+            ("If-Match: W/\"e\"\r\n", 412),
+            ("If-Match: \"x\"\r\nIf-Match: \"e\"\r\n", 200),
+            (&format!("If-Unmodified-Since: {now}\r\n"), 200),
+            (&format!("If-Unmodified-Since: {before}\r\n"), 412),
+            ("If-Unmodified-Since: yesterday\r\n", 200),
+            // If-Match decides over If-Unmodified-Since.
+            (
+                &format!("If-Match: \"e\"\r\nIf-Unmodified-Since: {before}\r\n"),
+                200,
+            ),
+            // A failed precondition comes before If-None-Match and ranges.
+            ("If-Match: \"x\"\r\nIf-None-Match: \"e\"\r\n", 412),
+            ("If-Match: \"x\"\r\nRange: bytes=0-1\r\n", 412),
+            ("If-Match: \"e\"\r\nIf-None-Match: \"e\"\r\n", 304),
+            ("If-Match: \"e\"\r\nRange: bytes=0-1\r\n", 206),
+        ] {
+            assert_eq!(answer(headers), want, "{headers:?}");
+        }
+    }
+
+    #[test]
     fn etag_lists() {
+        assert!(strong_match("\"a\", \"b\"", "\"b\""));
+        assert!(!strong_match("W/\"b\"", "\"b\""));
+        assert!(strong_match("*", "\"b\""));
         assert!(none_match("\"a\", \"b\"", "\"b\""));
         assert!(none_match("W/\"b\"", "\"b\""));
         assert!(none_match("*", "\"b\""));

@@ -1,106 +1,127 @@
-//! The connection threads: each open connection has one, so a slow download never holds up
-//! another client; threads are reused, and bounded in number.
+//! Worker threads for handlers that may block (read a request body as it arrives, call out to
+//! another server, fsync a file): a request being answered has one; a connection between
+//! requests has none. Threads are started on demand, reused, and bounded in number; a few
+//! requests may wait for one, and more are refused.
 
 use std::collections::VecDeque;
-use std::net::{SocketAddr, TcpStream};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-/// Threads kept waiting for connections even when there is no traffic.
-const KEEP_IDLE: usize = 4;
-/// How long a spare thread waits for a connection before it ends.
+/// Threads kept waiting for work even when there is none.
+const KEEP_IDLE: usize = 2;
+/// How long a spare thread waits for work before it ends.
 const IDLE_EXIT: Duration = Duration::from_secs(30);
-/// Connection threads need little stack: no recursion, buffers on the heap.
+/// Workers need little stack: no recursion, buffers on the heap.
 const STACK: usize = 256 * 1024;
 
-pub type Conn = (TcpStream, SocketAddr);
-type Work = dyn Fn(TcpStream, SocketAddr) + Send + Sync;
-
-struct State {
-    queue: VecDeque<Conn>,
+struct State<T> {
+    queue: VecDeque<T>,
     idle: usize,
     threads: usize,
+    /// Threads started that have not yet taken their first job (each has one queued for it).
+    starting: usize,
 }
 
-struct Shared {
-    state: Mutex<State>,
+struct Shared<T> {
+    state: Mutex<State<T>>,
     wake: Condvar,
     max: usize,
-    work: Box<Work>,
+    queue_max: usize,
+    work: Box<dyn Fn(T) + Send + Sync>,
 }
 
-#[derive(Clone)]
-pub struct Pool {
-    shared: Arc<Shared>,
+pub struct Pool<T> {
+    shared: Arc<Shared<T>>,
 }
 
-impl Pool {
-    pub fn new(max: usize, work: impl Fn(TcpStream, SocketAddr) + Send + Sync + 'static) -> Pool {
+impl<T> Clone for Pool<T> {
+    fn clone(&self) -> Self {
+        Pool {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T: Send + 'static> Pool<T> {
+    /// Up to `max` threads run `work`; up to `queue_max` jobs wait when all are busy.
+    pub fn new(max: usize, queue_max: usize, work: impl Fn(T) + Send + Sync + 'static) -> Self {
         Pool {
             shared: Arc::new(Shared {
                 state: Mutex::new(State {
                     queue: VecDeque::new(),
                     idle: 0,
                     threads: 0,
+                    starting: 0,
                 }),
                 wake: Condvar::new(),
-                max,
+                max: max.max(1),
+                queue_max,
                 work: Box::new(work),
             }),
         }
     }
 
-    /// Hands a connection to a thread; gives it back when all `max` are busy.
-    pub fn submit(&self, conn: Conn) -> Result<(), Conn> {
+    /// Hands a job to a thread; gives it back when all `max` are busy and the queue is full.
+    pub fn submit(&self, job: T) -> Result<(), T> {
         let mut st = self.shared.lock();
-        if st.idle > st.queue.len() {
-            st.queue.push_back(conn);
+        if st.idle + st.starting > st.queue.len() {
+            st.queue.push_back(job);
             self.shared.wake.notify_one();
             return Ok(());
         }
         if st.threads >= self.shared.max {
-            return Err(conn);
+            if st.queue.len() >= self.shared.queue_max + st.starting {
+                return Err(job);
+            }
+            st.queue.push_back(job);
+            return Ok(());
         }
         // Queued first, so that the new thread (or any thread that frees up sooner) takes it.
-        st.queue.push_back(conn);
+        st.queue.push_back(job);
         st.threads += 1;
+        st.starting += 1;
         drop(st);
         let shared = self.shared.clone();
         match std::thread::Builder::new()
-            .name("conn".into())
+            .name("http-worker".into())
             .stack_size(STACK)
             .spawn(move || shared.worker())
         {
             Ok(_) => Ok(()),
             Err(e) => {
-                log::warn!("cannot start a connection thread: {e}");
+                log::warn!("cannot start a worker thread: {e}");
                 let mut st = self.shared.lock();
                 st.threads -= 1;
-                st.queue.pop_back().map_or(Ok(()), Err)
+                st.starting -= 1;
+                if st.threads == 0 {
+                    return st.queue.pop_back().map_or(Ok(()), Err);
+                }
+                Ok(())
             }
         }
     }
 
-    /// Connection threads alive now.
+    /// Worker threads alive now.
     pub fn threads(&self) -> usize {
         self.shared.lock().threads
     }
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
+impl<T> Shared<T> {
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn worker(&self) {
         let mut st = self.lock();
+        st.starting -= 1;
         loop {
-            if let Some((stream, peer)) = st.queue.pop_front() {
+            if let Some(job) = st.queue.pop_front() {
                 drop(st);
-                // A bug in a handler must cost one connection, never a thread of the pool.
-                if catch_unwind(AssertUnwindSafe(|| (self.work)(stream, peer))).is_err() {
-                    log::error!("serving {peer} panicked; connection dropped");
+                // A bug in a job must cost that job, never a thread of the pool.
+                if catch_unwind(AssertUnwindSafe(|| (self.work)(job))).is_err() {
+                    log::error!("a worker job panicked");
                 }
                 st = self.lock();
                 continue;
@@ -123,60 +144,51 @@ impl Shared {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{Read, Write};
-    use std::net::TcpListener;
-    use std::sync::mpsc::channel;
+    use std::sync::mpsc::{Receiver, channel};
 
-    fn pair(l: &TcpListener) -> (TcpStream, Conn) {
-        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
-        (c, l.accept().unwrap())
-    }
-
-    #[test]
-    fn connections_run_in_parallel_up_to_the_bound() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let (tx, rx) = channel();
-        let tx = Mutex::new(tx);
-        let pool = Pool::new(2, move |mut s, _| {
-            // Holds its thread until the client says something.
-            let mut b = [0u8; 1];
-            let _ = s.read(&mut b);
-            tx.lock().unwrap().send(b[0]).unwrap();
+    /// A pool whose jobs wait for a go-ahead each, and report when they run.
+    fn gated(max: usize, queue: usize) -> (Pool<Receiver<()>>, Receiver<()>) {
+        let (ran_tx, ran) = channel();
+        let ran_tx = Mutex::new(ran_tx);
+        let pool = Pool::new(max, queue, move |gate: Receiver<()>| {
+            ran_tx.lock().unwrap().send(()).unwrap();
+            let _ = gate.recv();
         });
-        let (mut c1, s1) = pair(&l);
-        let (mut c2, s2) = pair(&l);
-        let (_c3, s3) = pair(&l);
-        assert!(pool.submit(s1).is_ok());
-        assert!(pool.submit(s2).is_ok());
-        assert!(
-            pool.submit(s3).is_err(),
-            "a third connection is over the bound"
-        );
-        c2.write_all(b"2").unwrap();
-        assert_eq!(
-            rx.recv().unwrap(),
-            b'2',
-            "the second is served while the first waits"
-        );
-        c1.write_all(b"1").unwrap();
-        assert_eq!(rx.recv().unwrap(), b'1');
-        assert_eq!(pool.threads(), 2);
+        (pool, ran)
     }
 
     #[test]
-    fn a_panicking_handler_keeps_its_thread() {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    fn jobs_run_in_parallel_up_to_the_bound_then_wait_then_are_refused() {
+        let (pool, ran) = gated(2, 1);
+        let mut gates = Vec::new();
+        for _ in 0..3 {
+            let (tx, rx) = channel();
+            gates.push(tx);
+            assert!(pool.submit(rx).is_ok());
+        }
+        ran.recv().unwrap();
+        ran.recv().unwrap();
+        let (_tx, rx) = channel();
+        assert!(pool.submit(rx).is_err(), "two running, one waiting: full");
+        gates[0].send(()).unwrap();
+        ran.recv().unwrap();
+        assert_eq!(pool.threads(), 2);
+        for g in &gates {
+            let _ = g.send(());
+        }
+    }
+
+    #[test]
+    fn a_panicking_job_keeps_its_thread() {
         let (tx, rx) = channel();
         let tx = Mutex::new(tx);
-        let pool = Pool::new(1, move |_, _| {
+        let pool = Pool::new(1, 0, move |_: ()| {
             tx.lock().unwrap().send(()).unwrap();
             panic!("handler bug");
         });
         for _ in 0..3 {
-            let (_c, mut conn) = pair(&l);
-            // The one thread must be back and idle before it can take the next connection.
-            while let Err(back) = pool.submit(conn) {
-                conn = back;
+            // The one thread must be back and idle before it can take the next job.
+            while pool.submit(()).is_err() {
                 std::thread::yield_now();
             }
             rx.recv().unwrap();

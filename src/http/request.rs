@@ -79,19 +79,52 @@ impl<'a> Request<'a> {
         self.target.split_once('?').map_or("", |(_, q)| q)
     }
 
-    /// Whether the client asked for JSON (`Accept: application/json`).
+    /// Whether the client prefers JSON to plain text (`Accept`, RFC 9110 12.5.1): plain text
+    /// stays the answer when both are as welcome, or when the client accepts neither.
     pub fn wants_json(&self) -> bool {
-        self.header_values("accept").any(|a| {
-            a.split(',').any(|range| {
+        self.negotiate(&["text/plain", "application/json"]) == Some("application/json")
+    }
+
+    /// The media type among `offers` (in the server's order of preference) that `Accept` welcomes
+    /// most: each offer gets the quality of the most specific range that matches it
+    /// (`type/subtype` over `type/*` over `*/*`), `q=0` refuses it. Without `Accept`, the first
+    /// offer; `None` when the client accepts none of them.
+    pub fn negotiate<'o>(&self, offers: &[&'o str]) -> Option<&'o str> {
+        if self.header("accept").is_none() {
+            return offers.first().copied();
+        }
+        let mut best: Option<(&'o str, f32)> = None;
+        for &offer in offers {
+            let (otype, osub) = offer.split_once('/').unwrap_or((offer, ""));
+            // (specificity, quality) of the best-matching range so far.
+            let mut found: Option<(u8, f32)> = None;
+            for range in self.header_values("accept").flat_map(|a| a.split(',')) {
                 let mut parts = range.split(';');
                 let media = parts.next().unwrap_or("").trim();
-                let refused = parts.any(|p| {
-                    let p = p.trim();
-                    p.starts_with("q=") && p[2..].trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
-                });
-                media.eq_ignore_ascii_case("application/json") && !refused
-            })
-        })
+                let (rtype, rsub) = media.split_once('/').unwrap_or((media, ""));
+                let specificity = match (rtype.trim(), rsub.trim()) {
+                    ("*", "*") => 1,
+                    (t, "*") if t.eq_ignore_ascii_case(otype) => 2,
+                    (t, s) if t.eq_ignore_ascii_case(otype) && s.eq_ignore_ascii_case(osub) => 3,
+                    _ => continue,
+                };
+                let q = parts
+                    .filter_map(|p| p.split_once('='))
+                    .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                    .map_or(1.0, |(_, v)| v.trim().parse::<f32>().unwrap_or(1.0))
+                    .clamp(0.0, 1.0);
+                if found.is_none_or(|(sp, _)| specificity > sp) {
+                    found = Some((specificity, q));
+                }
+            }
+            if let Some((_, q)) = found
+                && q > 0.0
+                && best.is_none_or(|(_, bq)| q > bq)
+            {
+                best = Some((offer, q));
+            }
+        }
+        best.map(|(o, _)| o)
     }
 }
 
@@ -104,58 +137,83 @@ pub enum HeadError {
     Version,
 }
 
-fn is_tchar(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
 fn has_token(list: &str, token: &str) -> bool {
     list.split(',')
         .any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
 /// Headers that carry one value: a second one is refused rather than guessed between.
-const SINGLE: [&str; 3] = ["range", "if-range", "if-modified-since"];
+const SINGLE: [&str; 5] = [
+    "range",
+    "if-range",
+    "if-modified-since",
+    "if-unmodified-since",
+    "content-type",
+];
 
-/// Parses a request head (everything before the blank line, line ends included or not).
+/// Whether the request line's third word is an `HTTP/<digit>.<digit>` (then an unknown version
+/// is 505, not a malformed request).
+fn looks_like_version(head: &[u8]) -> bool {
+    let line = head
+        .split(|&b| b == b'\n')
+        .find(|l| !l.is_empty() && *l != b"\r")
+        .unwrap_or_default();
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut words = line.split(|&b| b == b' ');
+    let v = match (words.next(), words.next(), words.next(), words.next()) {
+        (Some(_), Some(_), Some(v), None) => v,
+        _ => return false,
+    };
+    v.len() == 8
+        && v.starts_with(b"HTTP/")
+        && v[5].is_ascii_digit()
+        && v[6] == b'.'
+        && v[7].is_ascii_digit()
+}
+
+/// Parses a request head through its blank line. The
+/// request line and header fields are tokenized by `httparse`; what HTTP/1.1 asks of a server
+/// beyond that (one Host, one Content-Length, Transfer-Encoding over it, ASCII targets) is
+/// checked here.
 pub fn parse_head(head: &[u8]) -> Result<Request<'_>, HeadError> {
-    let mut lines = head.split(|&b| b == b'\n').map(|l| match l {
-        [rest @ .., b'\r'] => rest,
-        l => l,
-    });
-    let line = lines.next().unwrap_or_default();
-    if !line.iter().all(|&b| b.is_ascii_graphic() || b == b' ') {
-        return Err(HeadError::Malformed(
-            "the request line is not printable ASCII",
-        ));
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut fields);
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(_)) => (),
+        Ok(httparse::Status::Partial) => {
+            return Err(HeadError::Malformed("the request head does not end"));
+        }
+        Err(httparse::Error::Version) => {
+            return Err(if looks_like_version(head) {
+                HeadError::Version
+            } else {
+                HeadError::Malformed("the request line has no HTTP version")
+            });
+        }
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HeadError::Malformed("too many header fields"));
+        }
+        Err(httparse::Error::HeaderName | httparse::Error::HeaderValue) => {
+            return Err(HeadError::Malformed("a header field is malformed"));
+        }
+        Err(_) => {
+            return Err(HeadError::Malformed(
+                "the request line is not `METHOD TARGET HTTP/1.x`",
+            ));
+        }
     }
-    let line = std::str::from_utf8(line).map_err(|_| HeadError::Malformed("not ASCII"))?;
-    let mut parts = line.split(' ');
-    let (Some(method), Some(target), Some(version), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(method), Some(target), Some(version)) = (parsed.method, parsed.path, parsed.version)
     else {
         return Err(HeadError::Malformed(
             "the request line is not `METHOD TARGET HTTP/1.x`",
         ));
     };
-    if method.is_empty() || !method.bytes().all(is_tchar) || target.is_empty() {
+    if !target.is_ascii() {
         return Err(HeadError::Malformed(
-            "the request line is not `METHOD TARGET HTTP/1.x`",
+            "the request line is not printable ASCII",
         ));
     }
-    let http10 = match version {
-        "HTTP/1.1" => false,
-        "HTTP/1.0" => true,
-        v if v.len() == 8
-            && v.starts_with("HTTP/")
-            && v.as_bytes()[5].is_ascii_digit()
-            && v.as_bytes()[6] == b'.'
-            && v.as_bytes()[7].is_ascii_digit() =>
-        {
-            return Err(HeadError::Version);
-        }
-        _ => return Err(HeadError::Malformed("the request line has no HTTP version")),
-    };
-
+    let http10 = version == 0;
     let mut req = Request {
         method_text: method,
         target,
@@ -170,31 +228,11 @@ pub fn parse_head(head: &[u8]) -> Result<Request<'_>, HeadError> {
     let mut hosts = 0;
     let mut content_length: Option<u64> = None;
     let mut encoded: Option<bool> = None;
-    for line in lines {
-        if line.is_empty() {
-            break;
-        }
-        if req.count == MAX_HEADERS {
-            return Err(HeadError::Malformed("too many header fields"));
-        }
-        let colon = line
-            .iter()
-            .position(|&b| b == b':')
-            .ok_or(HeadError::Malformed("a header field has no colon"))?;
-        let (name, value) = (&line[..colon], &line[colon + 1..]);
-        // Also refuses obsolete line folding and whitespace before the colon (RFC 9112, 5.1-5.2).
-        if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
-            return Err(HeadError::Malformed("a header field name is malformed"));
-        }
-        if value.iter().any(|&b| b == 0 || b == b'\r') {
-            return Err(HeadError::Malformed(
-                "a header field value holds a control byte",
-            ));
-        }
-        let name = std::str::from_utf8(name).expect("tchars are ASCII");
+    for field in parsed.headers.iter() {
+        let name = field.name;
         // Bytes past ASCII are legal in a value but nothing here reads them: such a value
         // becomes one that matches no token, date, range or origin.
-        let value = std::str::from_utf8(value).map_or("\u{fffd}", str::trim);
+        let value = std::str::from_utf8(field.value).map_or("\u{fffd}", str::trim);
         if name.eq_ignore_ascii_case("host") {
             hosts += 1;
         } else if name.eq_ignore_ascii_case("content-length") {
@@ -237,10 +275,14 @@ pub fn parse_head(head: &[u8]) -> Result<Request<'_>, HeadError> {
     };
     Ok(req)
 }
-
 /// The path a request target names, when it is one a handler could ever answer: plain
-/// unreserved characters, no empty, `.` or `..` segment, no percent-encoding, no backslash, not
-/// over-long. The query is dropped. Anything else is `None`, which is answered 404 unread.
+/// unreserved characters, no empty, `.` or `..` segment, no percent-encoding left, no backslash,
+/// not over-long. The query is dropped. Anything else is `None`, which is answered 404 unread.
+///
+/// The connection has already decoded percent-encoded unreserved characters in the target
+/// (`normalize_target`), so `/update/%6fpq-…` routes as `/update/opq-…`; what such a decoding
+/// makes of a path (`%2e%2e` is `..`) is checked here like anything else, and every other escape
+/// (`%2F`, `%5C`, `%00`, ...) still names nothing.
 pub fn route_path(target: &str) -> Option<&str> {
     let mut path = target;
     // absolute-form, as sent to proxies: `http://host/path`.
@@ -269,6 +311,53 @@ pub fn route_path(target: &str) -> Option<&str> {
         return None;
     }
     Some(path)
+}
+
+/// Decodes, in place, the percent-encoded unreserved characters (`A-Z a-z 0-9 - . _ ~`) in the
+/// path of the request target of the head at the start of `buf`: RFC 3986 (6.2.2.2) makes them
+/// the same URI as the characters themselves. Returns how many bytes the head shrank by. Other
+/// escapes, and the query, are left as they are.
+pub fn normalize_target(buf: &mut Vec<u8>, head_len: usize) -> usize {
+    let head = &buf[..head_len];
+    let line_end = head.iter().position(|&b| b == b'\n').unwrap_or(head_len);
+    let Some(start) = head[..line_end]
+        .iter()
+        .position(|&b| b == b' ')
+        .map(|i| i + 1)
+    else {
+        return 0;
+    };
+    let len = head[start..line_end]
+        .iter()
+        .position(|&b| b == b' ' || b == b'?' || b == b'\r')
+        .unwrap_or(line_end - start);
+    let path = &head[start..start + len];
+    if !path.contains(&b'%') {
+        return 0;
+    }
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        if path[i] == b'%'
+            && let (Some(h), Some(l)) = (
+                path.get(i + 1).copied().and_then(hex),
+                path.get(i + 2).copied().and_then(hex),
+            )
+        {
+            let c = h << 4 | l;
+            if c.is_ascii_alphanumeric() || b"-._~".contains(&c) {
+                out.push(c);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(path[i]);
+        i += 1;
+    }
+    let shrunk = path.len() - out.len();
+    buf.splice(start..start + len, out);
+    shrunk
 }
 
 #[cfg(test)]
@@ -404,6 +493,51 @@ mod tests {
     }
 
     #[test]
+    fn encoded_unreserved_characters_decode_and_nothing_else_does() {
+        for (target, want) in [
+            (
+                "/update/%6fpq-box-update-1.tar.bz2",
+                Some("/update/opq-box-update-1.tar.bz2"),
+            ),
+            ("/%76%65%72%73%69%6F%6E?x=%41", Some("/version")),
+            ("/update/%7E%2D%5F%2e", Some("/update/~-_.")),
+            ("/update/%2e%2e/%2e%2e/etc/passwd", None),
+            ("/update/%2E%2E%2fsecret.txt", None),
+            ("/update/..%2fsecret.txt", None),
+            ("/update/..%5csecret.txt", None),
+            ("/update/x%00", None),
+            ("/update/x%2", None),
+            ("/update/x%", None),
+            ("/update/%%36%66", None),
+            ("/update/%2F%2e%2e", None),
+            ("/%2e", None),
+            ("/update/%C3%A9", None),
+        ] {
+            let raw = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\nnext");
+            let mut buf = raw.clone().into_bytes();
+            let head_len = raw.len() - 4;
+            let shrunk = normalize_target(&mut buf, head_len);
+            assert!(
+                buf.ends_with(b"\r\n\r\nnext"),
+                "{target}: the rest moves along"
+            );
+            let req = parse_head(&buf[..head_len - shrunk]).unwrap();
+            assert_eq!(
+                route_path(req.target),
+                want,
+                "{target} became {}",
+                req.target
+            );
+        }
+        let mut buf = b"GET /a%41?q=%41 HTTP/1.1\r\n\r\n".to_vec();
+        assert_eq!(normalize_target(&mut buf, 27), 2);
+        assert!(
+            buf.starts_with(b"GET /aA?q=%41 HTTP/1.1"),
+            "the query is left alone"
+        );
+    }
+
+    #[test]
     fn only_plain_paths_route() {
         for (target, want) in [
             ("/", Some("/")),
@@ -447,6 +581,27 @@ mod tests {
         assert!(accepts("text/html, Application/JSON;q=0.5"));
         assert!(!accepts("application/json;q=0"));
         assert!(!accepts("text/plain"));
+        // q-values, wildcards and specificity (RFC 9110 12.5.1).
+        assert!(accepts("text/plain;q=0.5, application/json"));
+        assert!(!accepts("text/plain, application/json;q=0.9"));
+        assert!(accepts("application/*"));
+        assert!(accepts("*/*;q=0.1, application/json;q=0.2"));
+        assert!(!accepts("*/*"), "equal: plain text, the default");
+        assert!(!accepts(
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+        ));
+        assert!(accepts("text/*;q=0.3, application/json;q=0.7"));
+        assert!(
+            !accepts("*/*, application/json;q=0"),
+            "the specific range wins over */*"
+        );
+        assert!(accepts("*/*;q=0.5, text/plain;q=0"));
+        assert!(
+            !accepts("application/json;q=0, text/plain;q=0"),
+            "neither: plain text"
+        );
+        assert!(accepts("application/json; charset=utf-8; q=1"));
+        assert!(accepts("text/plain;q=0.001, application/json;q=0.002"));
         assert!(
             !parse("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
                 .unwrap()

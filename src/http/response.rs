@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, Write};
-use std::net::TcpStream;
+use std::os::fd::AsFd;
 use std::time::SystemTime;
 
 /// A response body: bytes in memory, or a span of an open file.
@@ -75,9 +75,11 @@ pub fn reason(status: u16) -> &'static str {
         408 => "Request Timeout",
         409 => "Conflict",
         411 => "Length Required",
+        412 => "Precondition Failed",
         413 => "Content Too Large",
         415 => "Unsupported Media Type",
         416 => "Range Not Satisfiable",
+        421 => "Misdirected Request",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         501 => "Not Implemented",
@@ -93,6 +95,25 @@ pub fn http_date(t: SystemTime) -> String {
     httpdate::fmt_http_date(t)
 }
 
+thread_local! {
+    /// `Date` for the current second: formatted once a second per thread, not once a request.
+    static NOW: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((0, String::new())) };
+}
+
+fn date_now() -> String {
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    NOW.with(|cell| {
+        let mut c = cell.borrow_mut();
+        if c.0 != secs || c.1.is_empty() {
+            *c = (secs, http_date(now));
+        }
+        c.1.clone()
+    })
+}
+
 /// How a response goes out on one connection.
 #[derive(Debug, Clone, Copy)]
 pub struct Delivery {
@@ -104,78 +125,161 @@ pub struct Delivery {
     pub server: &'static str,
 }
 
-/// Writes `resp`; returns the body bytes sent.
-pub fn send(stream: &mut TcpStream, resp: Response, how: Delivery) -> io::Result<u64> {
-    let no_body = how.head_only || resp.status == 304;
-    let mut out = Vec::with_capacity(
-        320 + match &resp.body {
-            Body::Bytes(b) if !no_body => b.len(),
-            _ => 0,
-        },
-    );
-    write!(out, "HTTP/1.1 {} {}\r\n", resp.status, reason(resp.status))?;
-    write!(
-        out,
-        "Date: {}\r\nServer: {}\r\n",
-        http_date(SystemTime::now()),
-        how.server
-    )?;
-    if resp.status != 304 {
-        write!(out, "Content-Length: {}\r\n", resp.body.len())?;
-    }
-    for (name, value) in &resp.headers {
-        write!(out, "{name}: {value}\r\n")?;
-    }
-    if !how.keep_alive {
-        out.extend_from_slice(b"Connection: close\r\n");
-    } else if how.http10 {
-        out.extend_from_slice(b"Connection: keep-alive\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    match resp.body {
-        Body::Bytes(b) => {
-            if !no_body {
-                out.extend_from_slice(&b);
-            }
-            stream.write_all(&out)?;
-            Ok(if no_body { 0 } else { b.len() as u64 })
+/// A response on its way out: the head and a body from memory by `writev`, then a span of a file
+/// by `sendfile`, each as far as the socket takes it now. Nothing here blocks: the event loop
+/// calls `advance` again when the socket is writable.
+pub struct Outgoing {
+    head: Vec<u8>,
+    bytes: Cow<'static, [u8]>,
+    /// How much of `head` and then `bytes` has been written.
+    pos: usize,
+    file: Option<File>,
+    offset: u64,
+    file_left: u64,
+    body_sent: u64,
+    /// Whether the last `advance` wrote anything.
+    moved: bool,
+}
+
+impl Outgoing {
+    pub fn new(resp: Response, how: Delivery) -> Outgoing {
+        let no_body = how.head_only || resp.status == 304;
+        let mut head = Vec::with_capacity(256);
+        // Writes into a Vec can't fail.
+        let _ = write!(
+            head,
+            "HTTP/1.1 {} {}\r\nDate: {}\r\nServer: {}\r\n",
+            resp.status,
+            reason(resp.status),
+            date_now(),
+            how.server
+        );
+        if resp.status != 304 {
+            let _ = write!(head, "Content-Length: {}\r\n", resp.body.len());
         }
-        Body::File { file, offset, len } => {
-            stream.write_all(&out)?;
-            if no_body {
-                return Ok(0);
-            }
-            send_file(stream, &file, offset, len)
+        for (name, value) in &resp.headers {
+            let _ = write!(head, "{name}: {value}\r\n");
         }
+        if !how.keep_alive {
+            head.extend_from_slice(b"Connection: close\r\n");
+        } else if how.http10 {
+            head.extend_from_slice(b"Connection: keep-alive\r\n");
+        }
+        head.extend_from_slice(b"\r\n");
+        let mut out = Outgoing {
+            head,
+            bytes: Cow::Borrowed(b""),
+            pos: 0,
+            file: None,
+            offset: 0,
+            file_left: 0,
+            body_sent: 0,
+            moved: false,
+        };
+        if !no_body {
+            match resp.body {
+                Body::Bytes(b) => out.bytes = b,
+                Body::File { file, offset, len } => {
+                    out.file = Some(file);
+                    out.offset = offset;
+                    out.file_left = len;
+                }
+            }
+        }
+        out
+    }
+
+    /// Body bytes written so far.
+    pub fn body_sent(&self) -> u64 {
+        self.body_sent
+    }
+
+    /// Whether the last `advance` got anything out: a slow client that keeps taking its
+    /// download is not a stalled one.
+    pub fn progressed(&self) -> bool {
+        self.moved
+    }
+
+    /// Writes what the socket takes now, but at most one `SENDFILE_TURN` of a file, so that one
+    /// fast download does not keep a loop from its other connections (nginx's
+    /// `sendfile_max_chunk`).
+    pub fn advance<S>(&mut self, socket: &S) -> io::Result<Progress>
+    where
+        S: AsFd,
+        for<'s> &'s S: Write,
+    {
+        let mut w = socket;
+        self.moved = false;
+        let total = self.head.len() + self.bytes.len();
+        while self.pos < total {
+            let (h, b) = if self.pos < self.head.len() {
+                (&self.head[self.pos..], &self.bytes[..])
+            } else {
+                (&[][..], &self.bytes[self.pos - self.head.len()..])
+            };
+            match w.write_vectored(&[io::IoSlice::new(h), io::IoSlice::new(b)]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.moved = true;
+                    let body_before = self.pos.saturating_sub(self.head.len());
+                    self.pos += n;
+                    let body_now = self.pos.saturating_sub(self.head.len());
+                    self.body_sent += (body_now - body_before) as u64;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Progress::Full),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let Some(file) = &self.file else {
+            return Ok(Progress::Done);
+        };
+        let mut turn = SENDFILE_TURN;
+        while self.file_left > 0 {
+            if turn == 0 {
+                return Ok(Progress::Turn);
+            }
+            let mut off = i64::try_from(self.offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+            // A bounded step, so that one download on a fast client can't keep the loop from
+            // its other connections for long.
+            let chunk = self.file_left.min(turn) as usize;
+            // sendfile64: the 64-bit offset also on 32-bit ARM, where images may pass 2 GiB.
+            match nix::sys::sendfile::sendfile64(socket, file, Some(&mut off), chunk) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!(
+                            "the file ended {} bytes early (changed while it was sent)",
+                            self.file_left
+                        ),
+                    ));
+                }
+                Ok(n) => {
+                    self.moved = true;
+                    self.offset += n as u64;
+                    self.file_left -= n as u64;
+                    self.body_sent += n as u64;
+                    turn -= n as u64;
+                }
+                Err(nix::errno::Errno::EAGAIN) => return Ok(Progress::Full),
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => return Err(io::Error::from(e)),
+            }
+        }
+        Ok(Progress::Done)
     }
 }
 
-/// Sends `len` bytes of `file` from `offset`: page cache to socket, no copy through this process,
-/// so memory stays flat whatever the file size and the number of downloads. The socket's send
-/// timeout bounds a stalled client.
-fn send_file(stream: &TcpStream, file: &File, offset: u64, len: u64) -> io::Result<u64> {
-    let mut off = i64::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
-    let mut sent = 0u64;
-    while sent < len {
-        let chunk = (len - sent).min(1 << 30) as usize;
-        // sendfile64: the 64-bit offset also on 32-bit ARM, where images may pass 2 GiB.
-        match nix::sys::sendfile::sendfile64(stream, file, Some(&mut off), chunk) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("the file ended after {sent} of {len} bytes"),
-                ));
-            }
-            Ok(n) => sent += n as u64,
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(nix::errno::Errno::EAGAIN) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("the client stopped reading after {sent} of {len} bytes"),
-                ));
-            }
-            Err(e) => return Err(io::Error::from(e)),
-        }
-    }
-    Ok(sent)
+/// How far `Outgoing::advance` got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// All of it is out.
+    Done,
+    /// The socket is full: wait until it is writable.
+    Full,
+    /// This turn's share is out: others first, then more.
+    Turn,
 }
+
+/// The most of a file one connection sends before the loop turns to others.
+const SENDFILE_TURN: u64 = 2 << 20;

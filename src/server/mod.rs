@@ -1,8 +1,8 @@
 //! The update server: a watched directory of images served over HTTP.
 //!
-//! Threads: the caller's runs the accept loop; one watcher keeps the index; one hasher fills in
-//! missing digests; one waits for SIGTERM/SIGINT; each open connection has its own (see
-//! `crate::http`).
+//! Threads: the caller's waits for the stop; one event loop per core serves every connection
+//! (see `crate::http`); one watcher keeps the index; one hasher fills in missing digests; one
+//! waits for SIGTERM/SIGINT.
 
 pub mod health;
 pub mod index;
@@ -75,8 +75,13 @@ pub fn run(settings: Settings) -> Result<()> {
         timeout: settings.timeout,
         max_connections: settings.max_connections,
         name: "update-server",
-        // For `POST /report` alone, which takes at most a few KiB.
+        // For `POST /report` alone: the loops read a report whole before its handler runs, and
+        // refuse a larger body (413) without reading it.
         bodies: true,
+        inline_body: crate::fleet::protocol::MAX_REPORT_BYTES as usize,
+        // Every handler answers from memory or opens a local file (the fleet's too: its
+        // database is written by a thread of its own): the loops run them.
+        handlers: http::Handlers::Inline,
     };
     let server = http::Server::new(listener, config, stop, move |req, body| {
         app.handle(req, body)

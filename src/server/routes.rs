@@ -14,10 +14,17 @@ use crate::fsutil::unix_now;
 use crate::http::{self, FileMeta, Method, Request, RequestBody, Response};
 use crate::image::{FileKind, Version};
 
+/// `/version`, `/ls`, `/latest`: a cache may keep them, but asks again each time (with the
+/// ETag, for a 304 when nothing changed): a new image must reach every box at once.
 const NO_CACHE: &str = "no-cache";
-/// An image's name is its version and the builder never overwrites one, so what a name serves
-/// never changes.
-const IMMUTABLE: &str = "public, max-age=31536000, immutable";
+/// The health check: an answer from a cache would say nothing about the server.
+const NO_STORE: &str = "no-store";
+/// A file under `/update/<name>`: any cache may keep it, but must ask again (with its ETag, a
+/// 304 when nothing changed) before each use. `build-update` never overwrites an image, but an
+/// operator may replace one under its name (a rebuilt image, a fixed sidecar) and the watcher
+/// serves the new file at once; a long max-age or `immutable` would let caches and CDNs hand out
+/// the old bytes beside the new sidecar for as long as they like.
+const REVALIDATE: &str = "public, no-cache";
 const NO_IMAGE: &str = "no update image available\n";
 
 pub struct App {
@@ -51,8 +58,8 @@ impl App {
         };
         match path {
             "/" => health(),
-            "/ls" => self.ls(req),
-            "/version" => self.version(req),
+            "/ls" => validated(req, self.ls(req)),
+            "/version" => validated(req, self.version(req)),
             "/latest" => self.latest(req),
             "/fleet" => self.fleet.page(),
             "/fleet.json" => {
@@ -156,7 +163,7 @@ impl App {
             let location = format!("{base}/{name}");
             return Response::text(302, format!("see {location}\n"))
                 .with_header("Location", location)
-                .with_header("Cache-Control", IMMUTABLE);
+                .with_header("Cache-Control", REVALIDATE);
         }
         let file = match self.index.open(name, info) {
             Ok(f) => f,
@@ -177,7 +184,7 @@ impl App {
                 "Content-Disposition",
                 format!("attachment; filename=\"{name}\"").into(),
             ),
-            ("Cache-Control", IMMUTABLE.into()),
+            ("Cache-Control", REVALIDATE.into()),
         ];
         let meta = FileMeta {
             size: info.size,
@@ -194,7 +201,31 @@ fn health() -> Response {
         "{{\"name\": \"Box Update Server\", \"ok\": true, \"timestamp\": {}, \"subcomponents\": []}}",
         unix_now()
     );
-    Response::new(200, "application/json", body.into_bytes()).with_header("Cache-Control", NO_CACHE)
+    Response::new(200, "application/json", body.into_bytes()).with_header("Cache-Control", NO_STORE)
+}
+
+/// Gives a 200 from memory a strong ETag of its bytes, and answers `If-None-Match` with 304: a
+/// cache in front of the server revalidates `/version` and `/ls` for the price of a head.
+fn validated(req: &Request<'_>, mut resp: Response) -> Response {
+    use sha2::Digest;
+    let http::Body::Bytes(bytes) = &resp.body else {
+        return resp;
+    };
+    if resp.status != 200 {
+        return resp;
+    }
+    let digest = sha2::Sha256::digest(bytes);
+    let etag = format!("\"{}\"", hex::encode(&digest[..12]));
+    if req
+        .header_values("if-none-match")
+        .any(|list| http::file::none_match(list, &etag))
+    {
+        resp.status = 304;
+        resp.body = http::Body::Bytes(Cow::Borrowed(b""));
+        resp.headers
+            .retain(|(n, _)| !n.eq_ignore_ascii_case("Content-Type"));
+    }
+    resp.with_header("ETag", etag)
 }
 
 /// The one answer for everything that is not there, whatever the reason: it reveals nothing.
@@ -251,6 +282,7 @@ mod tests {
         let r = get(&a, "/ls");
         assert_eq!((r.status, body(&r).as_str()), (200, ""));
         let r = get(&a, "/");
+        assert_eq!(header(&r, "Cache-Control"), Some("no-store"));
         let v: serde_json::Value = serde_json::from_str(&body(&r)).unwrap();
         assert_eq!(v["name"], "Box Update Server");
         assert_eq!(v["ok"], true);
@@ -280,13 +312,37 @@ mod tests {
         );
         let r = get(&a, "/update/opq-box-update-20.tar.bz2");
         assert_eq!((r.status, body(&r).as_str()), (200, "<file>"));
-        assert_eq!(header(&r, "Cache-Control"), Some(IMMUTABLE));
+        assert_eq!(header(&r, "Cache-Control"), Some(REVALIDATE));
         assert_eq!(
             get(&a, "/update/opq-box-update-1001.tar.bz2.part").status,
             404
         );
         let r = app_method(&a, "DELETE", "/version");
         assert_eq!((r.status, header(&r, "Allow")), (405, Some("GET, HEAD")));
+    }
+
+    #[test]
+    fn version_and_ls_revalidate_by_etag() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("opq-box-update-7.tar.bz2"), b"x").unwrap();
+        let a = app(d.path());
+        for target in ["/version", "/ls"] {
+            let r = get(&a, target);
+            let etag = header(&r, "ETag").unwrap().to_string();
+            assert!(etag.starts_with('"') && etag.len() == 26, "{etag}");
+            let head = format!("GET {target} HTTP/1.1\r\nHost: x\r\nIf-None-Match: {etag}\r\n\r\n");
+            let r = a.respond(&parse_head(head.as_bytes()).unwrap());
+            assert_eq!((r.status, body(&r).as_str()), (304, ""), "{target}");
+            assert_eq!(header(&r, "ETag"), Some(etag.as_str()));
+            assert_eq!(header(&r, "Content-Type"), None);
+            assert_eq!(header(&r, "Cache-Control"), Some("no-cache"));
+        }
+        // Each representation of /ls has its own.
+        let json = a.respond(
+            &parse_head(b"GET /ls HTTP/1.1\r\nHost: x\r\nAccept: application/json\r\n\r\n")
+                .unwrap(),
+        );
+        assert_ne!(header(&json, "ETag"), header(&get(&a, "/ls"), "ETag"));
     }
 
     fn app_method(app: &App, method: &str, target: &str) -> Response {

@@ -21,7 +21,9 @@ pub const STATE_DIR_ENV: &str = "STATE_DIRECTORY";
 pub const STATE_DB_NAME: &str = "fleet.sqlite";
 const DEFAULT_TIMEOUT_SECS: u64 = 30;
 const DEFAULT_RESCAN_SECS: u64 = 30;
-const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Open connections: each costs a socket and a few hundred bytes, so the bound is the
+/// file-descriptor limit in practice.
+const DEFAULT_MAX_CONNECTIONS: usize = 100_000;
 const DEFAULT_MAX_BOXES: usize = 100_000;
 /// A new rollout halts once this many boxes of its share failed or rolled back...
 pub const DEFAULT_HALT_FAILURES: u32 = 3;
@@ -38,8 +40,8 @@ pub struct Settings {
     pub timeout: Duration,
     /// How often the directory is listed in full, for file systems where inotify misses events.
     pub rescan: Duration,
-    /// Connections served at once; each has its own thread, so a slow download never holds up
-    /// another client. Beyond this, new clients get 503.
+    /// Connections open at once (a socket and a few hundred bytes each, in the event loops);
+    /// beyond this, or the open-file limit, new clients get 503.
     pub max_connections: usize,
     /// Where the image files are served from when they are not served here (a CDN, an
     /// S3-compatible store, nginx): `/latest` and `/update/<name>` redirect to `<URL>/<name>`.

@@ -6,6 +6,7 @@ pub mod engine;
 pub mod fault;
 pub mod guard;
 pub mod health;
+pub mod hosts;
 pub mod http;
 pub mod layout;
 pub mod lock;

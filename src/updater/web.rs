@@ -19,6 +19,7 @@ use crate::http::{self, Method, Request, RequestBody, Response};
 use crate::updater::commands::status_json;
 use crate::updater::config;
 use crate::updater::engine::{Engine, Source};
+use crate::updater::hosts::HostGuard;
 use crate::updater::status::Step;
 
 /// The page: one self-contained file (HTML, CSS, JS inline), built into the binary.
@@ -26,9 +27,12 @@ pub const PAGE: &str = include_str!("../../box-updater/page.html");
 
 const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; form-action 'self'; frame-ancestors 'none'";
 const MAX_JSON_BODY: u64 = 64 * 1024;
-/// Connections served at once: a few browsers polling the page and an upload or two fit many
-/// times over; past it, a flood gets 503 instead of the box's memory.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Connections open at once: idle ones cost a socket and a few hundred bytes each, so a flood
+/// of thousands leaves the page answering; past this, new ones get 503.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Requests answered at once (a thread each while they are): the page's polls, a config save,
+/// an upload and a check fit many times over.
+pub const WORKERS: usize = 16;
 /// How often reports the update server could not take are tried again.
 const REPORT_RETRY: Duration = Duration::from_secs(600);
 
@@ -38,11 +42,20 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 pub struct WebOptions {
     pub listen: SocketAddr,
     /// Required on every API request when set (`Authorization: Bearer …` or `X-Box-Token`).
+    /// Unset, the box config's `updater_token` is; without that, a token generated once and kept
+    /// in `var/lib/box-updater/web-token` is asked of every client but this machine's own.
     pub token: Option<String>,
+    /// No token at all, from anywhere (the behaviour before tokens were generated).
+    pub no_token: bool,
+    /// Names and addresses the page answers to beside the box's own (`--allowed-host`); `*`
+    /// turns the check off.
+    pub allowed_hosts: Vec<String>,
     /// Silence allowed from a client: idle between requests, or within a request's head or body.
     /// It bounds each read, not a whole request, so that an upload over a slow link may take
     /// minutes while a stalled one is dropped.
     pub timeout: Duration,
+    /// Connections open at once (`MAX_CONNECTIONS` unless a test says otherwise).
+    pub max_connections: usize,
 }
 
 enum Job {
@@ -62,6 +75,35 @@ struct Web {
     jobs: Sender<Job>,
     busy: Arc<AtomicBool>,
     token: Option<String>,
+    /// The token is the generated one: clients on this machine (loopback, so also an SSH
+    /// tunnel) need none.
+    loopback_free: bool,
+    hosts: HostGuard,
+}
+
+/// Where the generated token is kept (mode 0600).
+pub fn token_file(engine: &Engine) -> PathBuf {
+    engine.layout().state_dir().join("web-token")
+}
+
+/// The box's own token: read from its file, or made (128 random bits) and kept there.
+fn generated_token(engine: &Engine) -> Result<String> {
+    let path = token_file(engine);
+    match std::fs::read_to_string(&path) {
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    let mut bytes = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom for a web token")?;
+    let token = hex::encode(bytes);
+    std::fs::create_dir_all(engine.layout().state_dir())
+        .and_then(|()| crate::fsutil::write_atomic(&path, format!("{token}\n").as_bytes(), 0o600))
+        .with_context(|| format!("cannot keep the web token in {}", path.display()))?;
+    Ok(token)
 }
 
 /// Runs the confirm step of a pending update (unless the guard does it at boot), then serves
@@ -86,8 +128,7 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
             Err(e) => log::warn!("confirm at start skipped: {e}"),
         }
     }
-    let listener = crate::cli::listen(opts.listen, "--listen ADDR:PORT")?;
-    let token = opts.token.or_else(|| {
+    let configured = opts.token.or_else(|| {
         config::read(&engine.settings.box_config)
             .ok()
             .and_then(|m| {
@@ -97,19 +138,31 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
             })
             .filter(|t| !t.is_empty())
     });
+    let (token, loopback_free, policy) = match configured {
+        _ if opts.no_token => (None, false, "no token (--no-token)".to_string()),
+        Some(t) => (Some(t), false, "token required".to_string()),
+        None => (
+            Some(generated_token(&engine)?),
+            true,
+            format!(
+                "token in {} required from other machines",
+                token_file(&engine).display()
+            ),
+        ),
+    };
+    // Listening only once the token is settled: a client that finds the port open finds the
+    // token file too.
+    let listener = crate::cli::listen(opts.listen, "--listen ADDR:PORT")?;
+    let hosts = HostGuard::new(listener.local_addr().ok(), &opts.allowed_hosts);
     log::info!(
-        "serving the update page on http://{} (installed {}, {})",
+        "serving the update page on http://{} (installed {}, {policy}); answering to {}",
         listener.local_addr()?,
         engine
             .layout()
             .installed_version()
             .map(|v| v.to_string())
             .unwrap_or_else(|| "none".into()),
-        if token.is_some() {
-            "token required"
-        } else {
-            "no token"
-        }
+        hosts.describe()
     );
     let engine = Arc::new(engine);
     let busy = Arc::new(AtomicBool::new(false));
@@ -182,12 +235,18 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
         jobs: tx,
         busy: Arc::clone(&busy),
         token,
+        loopback_free,
+        hosts,
     };
     let config = http::Config {
         timeout: opts.timeout,
-        max_connections: MAX_CONNECTIONS,
+        max_connections: opts.max_connections,
         name: "box-updater",
         bodies: true,
+        // Unused: workers read bodies from the socket as the handlers ask.
+        inline_body: 0,
+        // Handlers stream uploads to disk, fsync the config and ask the update server.
+        handlers: http::Handlers::Workers(WORKERS),
     };
     let server = http::Server::new(listener, config, stop, move |req, body| {
         web.respond(req, body)
@@ -259,6 +318,20 @@ fn page() -> Response {
 
 impl Web {
     fn respond(&self, req: &Request<'_>, body: &mut RequestBody<'_>) -> Response {
+        // Before anything else: a page under another name (DNS rebinding) reaches nothing.
+        if let Err(name) = self.hosts.check(req.header("Host"), req.target) {
+            log::warn!(
+                "refused a request for host {name:?} from {}",
+                req.peer.map_or("-".into(), |p| p.to_string())
+            );
+            return error(
+                421,
+                &format!(
+                    "this box does not answer to the name {name:?}: open it by its address, its \
+                     host name or localhost, or start box-updater with --allowed-host {name}"
+                ),
+            );
+        }
         let Some(path) = http::route_path(req.target) else {
             return error(404, "no such page");
         };
@@ -273,14 +346,8 @@ impl Web {
     /// Same-origin and token checks for the API; state changes also need a JSON content type
     /// (or, for the upload, a custom header), which a cross-site form can't send.
     fn guard(&self, req: &Request<'_>, changes_state: bool, upload: bool) -> Result<(), Response> {
-        if let Some(token) = &self.token {
-            let given = req.header("X-Box-Token").or_else(|| {
-                req.header("Authorization")
-                    .and_then(|v| v.strip_prefix("Bearer "))
-            });
-            if given != Some(token.as_str()) {
-                return Err(error(401, "this box requires its access token"));
-            }
+        if !token_ok(self.token.as_deref(), self.loopback_free, req) {
+            return Err(error(401, "this box requires its access token"));
         }
         if !changes_state {
             return Ok(());
@@ -481,6 +548,33 @@ impl Web {
     }
 }
 
+/// Whether `req` may pass the token check: it carries the token (`X-Box-Token` or a bearer
+/// token), or there is none, or it is the generated one and the client is on this machine.
+fn token_ok(token: Option<&str>, loopback_free: bool, req: &Request<'_>) -> bool {
+    let Some(token) = token else {
+        return true;
+    };
+    if loopback_free
+        && req
+            .peer
+            .is_some_and(|p| p.ip().to_canonical().is_loopback())
+    {
+        return true;
+    }
+    let given = req.header("X-Box-Token").or_else(|| {
+        req.header("Authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+    });
+    // Compared in constant time: how long a refusal takes tells nothing about the token.
+    given.is_some_and(|g| {
+        g.len() == token.len()
+            && g.bytes()
+                .zip(token.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    })
+}
+
 fn too_large(limit: u64) -> Response {
     error(
         413,
@@ -581,6 +675,33 @@ fn decode_base64(s: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_generated_token_is_asked_of_other_machines_only() {
+        let head = |h: &str| format!("GET /version HTTP/1.1\r\nHost: x\r\n{h}\r\n");
+        let (bare, with) = (head(""), head("X-Box-Token: t\r\n"));
+        let at = |text: &str, peer: &str| {
+            let mut r = http::request::parse_head(text.as_bytes()).unwrap();
+            r.peer = Some(peer.parse().unwrap());
+            (
+                token_ok(Some("t"), true, &r),
+                token_ok(Some("t"), false, &r),
+            )
+        };
+        // (generated token, configured token)
+        assert_eq!(at(&bare, "127.0.0.1:5000"), (true, false));
+        assert_eq!(at(&bare, "[::1]:5000"), (true, false));
+        assert_eq!(at(&bare, "[::ffff:127.0.0.1]:5000"), (true, false));
+        assert_eq!(at(&bare, "192.168.1.20:5000"), (false, false));
+        assert_eq!(at(&bare, "[fe80::1]:5000"), (false, false));
+        assert_eq!(at(&with, "192.168.1.20:5000"), (true, true));
+        let r = http::request::parse_head(bare.as_bytes()).unwrap();
+        assert!(
+            !token_ok(Some("t"), true, &r),
+            "no peer known: no exemption"
+        );
+        assert!(token_ok(None, false, &r));
+    }
 
     #[test]
     fn base64_and_percent_decoding() {

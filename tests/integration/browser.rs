@@ -308,6 +308,63 @@ fn the_owner_updates_the_box_from_the_page_in_chromium() {
     assert!(shots >= 10, "a screenshot of each state: {shots}");
 }
 
+/// Issue 12: DNS rebinding in a real browser. Chromium maps `evil.example` (and the machine's own
+/// host name) to 127.0.0.1 as a rebinding DNS server would; the box refuses every request under
+/// the foreign name, and its page works by IP, by host name and through localhost.
+#[test]
+fn a_rebound_name_gets_nothing_from_the_box_in_chromium() {
+    let (chromium, script_dir) = browser_tools();
+    let artifacts = repo().join("artifacts/browser-hosts");
+    if artifacts.exists() {
+        std::fs::remove_dir_all(&artifacts).unwrap();
+    }
+    let d = Dir::new();
+    let b = BoxUnderTest::new(&d, "box", &format!("http://127.0.0.1:{}", free_port()));
+    let before: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&b.config).unwrap()).unwrap();
+    let port = free_port();
+    let web = start_serve(&b, port, &[]);
+    let host_name = nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .to_ascii_lowercase();
+    let out = cmd("node")
+        .arg(script_dir.join("host_check.mjs"))
+        .current_dir(&script_dir)
+        .env("BOX_PORT", port.to_string())
+        .env("BOX_HOST_NAME", &host_name)
+        .env("ARTIFACTS_DIR", &artifacts)
+        .env("CHROMIUM", &chromium)
+        .stdin(Stdio::null())
+        .output()
+        .expect("starting node");
+    drop(web);
+    assert!(
+        out.status.success(),
+        "the browser script failed ({}); screenshots in {}:\n{}{}",
+        out.status,
+        artifacts.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&b.config).unwrap()).unwrap();
+    assert_eq!(
+        after["updates_ep"], before["updates_ep"],
+        "the rebound page changed nothing"
+    );
+    assert_eq!(
+        after["opened_as"], "localhost",
+        "the last save went through"
+    );
+    let log = std::fs::read_to_string(b.root.parent().unwrap().join("serve.log")).unwrap();
+    assert!(
+        log.contains("refused a request for host \"evil.example\""),
+        "{log}"
+    );
+    assert_eq!(b.reboot_count(), 0);
+}
+
 #[test]
 fn the_operator_sees_the_fleet_in_chromium() {
     let (chromium, script_dir) = browser_tools();

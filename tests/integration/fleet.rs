@@ -256,8 +256,11 @@ fn boxes_reporting_success_failure_and_rollback_appear_in_the_fleet_view() {
     wait_listed(srv.port, V2);
     let o = back.run(&["update"]);
     assert!(o.status.success(), "{}", stderr(&o));
+    // One boot allowed: the failed check rolls back at once instead of rebooting to try again.
     let o = back.run(&[
         "confirm",
+        "--max-boots",
+        "1",
         "--health-check",
         "echo 'sensor missing' >&2; exit 3",
     ]);
@@ -526,6 +529,21 @@ fn bad_reports_are_refused_and_change_nothing() {
         b"",
     );
     assert_eq!(status, 411);
+    // A report announced too large is refused before any of it is read: the server does not wait
+    // for (or hold) a body it would refuse.
+    let mut s = TcpStream::connect(("127.0.0.1", srv.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"POST /report HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+          Content-Length: 4097\r\n\r\n",
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    assert!(answer.contains("larger than 4096"), "{answer}");
+    assert!(t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
     assert_eq!(fleet(srv.port)["boxes"], json!([]), "nothing was recorded");
 
     // One box may send a burst (its outbox after an outage), then it is slowed down.

@@ -3,6 +3,7 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -156,6 +157,13 @@ fn refuse_all(cases: Vec<Case>, key_args: &[&str], d: &Dir, canaries: &[PathBuf]
     for case in cases {
         for ext in ["", ".sha256", ".minisig"] {
             let _ = std::fs::remove_file(updates.join(format!("opq-box-update-{V2}.tar.bz2{ext}")));
+        }
+        // The previous case's image must be gone from the index first: else `wait_listed` may
+        // see it and the box ask for it just as the watcher drops it (a 404, not the refusal).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while http_get(server.port, "/version").2.trim() == V2.to_string() {
+            assert!(Instant::now() < deadline, "the server never dropped {V2}");
+            std::thread::sleep(Duration::from_millis(20));
         }
         publish_raw(&updates, V2, &case.image, case.sidecar);
         wait_listed(server.port, V2);

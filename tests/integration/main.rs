@@ -12,6 +12,7 @@ mod fleet;
 mod hostile_images;
 mod network_faults;
 mod pi;
+mod redbot;
 mod scale_out;
 mod server_load;
 mod update_server;

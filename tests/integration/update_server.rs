@@ -289,10 +289,8 @@ fn every_endpoint_answers_exactly() {
         r.header("content-disposition"),
         Some(format!("attachment; filename=\"{}\"", image_name(V2)).as_str())
     );
-    assert_eq!(
-        r.header("cache-control"),
-        Some("public, max-age=31536000, immutable")
-    );
+    // An image may be replaced under its name: caches keep it but ask again each time.
+    assert_eq!(r.header("cache-control"), Some("public, no-cache"));
     assert!(r.header("etag").is_some_and(|e| e.starts_with('"')));
     assert!(
         r.header("last-modified")
@@ -545,7 +543,9 @@ fn nothing_outside_the_index_is_ever_served() {
         "/update/./secret.txt".into(),
         format!("/update/{}/", image_name(V1)),
         format!("/update/{}%00", image_name(V1)),
-        format!("/update/%6fpq-box-update-{V1}.tar.bz2"),
+        format!("/update/{}%2F", image_name(V1)),
+        format!("/update/%2e%2e%2F{}", image_name(V1)),
+        "/update/%2e%2e/%2e%2e/etc/passwd".into(),
         "/etc/passwd".into(),
         "etc/passwd".into(),
         "*".into(),
@@ -565,6 +565,15 @@ fn nothing_outside_the_index_is_ever_served() {
         let r = s.get(t);
         assert_eq!(r.status, 404, "{t}");
         assert!(!r.text().contains("TOPSECRET"), "{t}");
+    }
+    // Percent-encoded unreserved characters are those characters (RFC 3986 6.2.2.2).
+    for t in [
+        format!("/update/%6fpq-box-update-{V1}.tar.bz2"),
+        format!("/update/%6F%70%71%2Dbox-update-{V1}%2etar.bz2"),
+        format!("/%75pdate/opq-box-update-{V1}.tar.bz2?x=%2F"),
+    ] {
+        let r = s.get(&t);
+        assert_eq!((r.status, r.text().as_str()), (200, "the image"), "{t}");
     }
 
     // Malformed request lines and heads: a clear answer, never a crash.
@@ -643,6 +652,97 @@ fn ranges_and_conditional_requests() {
     assert_eq!(r.header("content-length"), Some("1000"));
     assert_eq!(r.header("etag"), Some(etag.as_str()));
     assert!(r.body.is_empty());
+
+    // Preconditions (RFC 9110 13.1.1, 13.1.4): the client's copy must still be the one served.
+    let last_modified = r.header("last-modified").unwrap().to_string();
+    let r = s.request("GET", &path, &[&format!("If-Match: {etag}")]);
+    assert_eq!((r.status, r.body.len()), (200, 1000));
+    let r = s.request(
+        "GET",
+        &path,
+        &[&format!("If-Unmodified-Since: {last_modified}")],
+    );
+    assert_eq!((r.status, r.body.len()), (200, 1000));
+    for h in [
+        "If-Match: \"something-else\"".to_string(),
+        format!("If-Match: W/{etag}"),
+        "If-Unmodified-Since: Tue, 14 Nov 2023 22:13:20 GMT".to_string(),
+    ] {
+        let r = s.request("GET", &path, &[&h, "Range: bytes=500-"]);
+        assert_eq!(r.status, 412, "{h}");
+        assert!(
+            r.text().contains("precondition failed"),
+            "{h}: {}",
+            r.text()
+        );
+        let r = s.request("HEAD", &path, &[&h]);
+        assert_eq!(r.status, 412, "HEAD, {h}");
+    }
+
+    // The image replaced under its name: a resume that names the old copy fails rather than
+    // splice two files, and caches that revalidate get the new one.
+    let newer: Vec<u8> = (0..1000u32).map(|i| (i % 13) as u8).collect();
+    let tmp = updates.join(".replacement");
+    fs::write(&tmp, &newer).unwrap();
+    fs::rename(&tmp, updates.join(image_name(V1))).unwrap();
+    eventually(Duration::from_secs(5), "the replacement served", || {
+        s.get(&path).body == newer
+    });
+    let r = s.request(
+        "GET",
+        &path,
+        &["Range: bytes=500-", &format!("If-Match: {etag}")],
+    );
+    assert_eq!(r.status, 412);
+    let r = s.request("GET", &path, &[&format!("If-None-Match: {etag}")]);
+    assert_eq!((r.status, &r.body[..]), (200, &newer[..]));
+    assert_ne!(r.header("etag"), Some(etag.as_str()));
+}
+
+#[test]
+fn ls_negotiates_its_answer_by_accept_q_values() {
+    let (_d, updates) = setup();
+    fs::write(updates.join(image_name(V1)), b"abc").unwrap();
+    let s = Server::start(&updates);
+    for (accept, json) in [
+        ("", false),
+        ("application/json", true),
+        ("application/*", true),
+        ("*/*", false),
+        ("text/plain;q=0.5, application/json", true),
+        ("text/plain, application/json;q=0.9", false),
+        ("application/json;q=0", false),
+        ("*/*;q=0.1, application/json;q=0.2", true),
+        ("*/*, application/json;q=0", false),
+        (
+            "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8",
+            false,
+        ),
+    ] {
+        let headers: Vec<String> = if accept.is_empty() {
+            vec![]
+        } else {
+            vec![format!("Accept: {accept}")]
+        };
+        let h: Vec<&str> = headers.iter().map(String::as_str).collect();
+        let r = s.request("GET", "/ls", &h);
+        assert_eq!(r.status, 200, "{accept}");
+        assert_eq!(r.header("vary"), Some("Accept"), "{accept}");
+        if json {
+            assert_eq!(
+                r.header("content-type"),
+                Some("application/json"),
+                "{accept}"
+            );
+            assert!(r.text().starts_with('['), "{accept}: {}", r.text());
+        } else {
+            assert!(
+                r.header("content-type").unwrap().starts_with("text/plain"),
+                "{accept}"
+            );
+            assert_eq!(r.text(), format!("{}\n", image_name(V1)), "{accept}");
+        }
+    }
 }
 
 #[test]
@@ -970,7 +1070,7 @@ fn the_scripts_are_shellcheck_clean() {
     }
     sh(
         root,
-        "shellcheck -x scripts/*.sh scripts/bench/*.sh .ci/run",
+        "shellcheck -x scripts/*.sh scripts/bench/*.sh scripts/bench/*/*.sh .ci/run",
     );
 }
 

@@ -400,7 +400,8 @@ pub fn http_get(port: u16, path: &str) -> (u16, String, String) {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        // The address it connects to, as a real client sends it (the box answers to no other name).
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut buf = Vec::new();
@@ -427,6 +428,147 @@ pub fn wait_listed(port: u16, version: u64) {
     }
 }
 
+pub const HTTP_LOAD: &str = env!("CARGO_BIN_EXE_http-load");
+
+/// The open-file hard limit of this process (and so of the processes it starts).
+pub fn fd_hard_limit() -> u64 {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(_, hard)| hard)
+        .unwrap_or(1024)
+}
+
+/// How many connections of each kind fit: `want`, or fewer where the open-file limit is lower
+/// (the server holds both kinds, so each may use under half of it); says so when it is fewer.
+pub fn connections_that_fit(want: usize) -> usize {
+    let hard = fd_hard_limit();
+    let fit = usize::try_from(hard.saturating_sub(200) / 2).unwrap_or(usize::MAX);
+    if fit < want {
+        eprintln!(
+            "open-file hard limit {hard}: holding {fit} + {fit} connections instead of {want} + {want} \
+             (raise it with `ulimit -Hn` as root for the full count)"
+        );
+    }
+    fit.min(want)
+}
+
+/// Connections held open against a server by `http-load hold` processes (each with its own
+/// open-file limit): idle ones that say nothing, and slowloris ones whose head never ends. They
+/// are let go when this is dropped.
+pub struct Held {
+    children: Vec<Child>,
+}
+
+impl Held {
+    /// Opens `idle` + `slow` connections to `port`, from loopback source addresses of their own;
+    /// returns once all are open.
+    pub fn open(port: u16, idle: usize, slow: usize) -> Held {
+        let mut children = Vec::new();
+        for (i, (kind, n)) in [("--idle", idle), ("--slow", slow)].into_iter().enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let mut c = Command::new(HTTP_LOAD)
+                .args(["hold", &format!("127.0.0.1:{port}"), kind, &n.to_string()])
+                .args(["--source", &format!("127.0.0.{}", 10 + i)])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("starting http-load");
+            let mut line = String::new();
+            std::io::BufRead::read_line(
+                &mut std::io::BufReader::new(c.stdout.as_mut().unwrap()),
+                &mut line,
+            )
+            .unwrap();
+            assert!(
+                line.starts_with("ready "),
+                "http-load could not hold {n} connections ({kind}): {line:?}"
+            );
+            children.push(c);
+        }
+        Held { children }
+    }
+
+    /// Lets the connections go; returns how many the server closed while they were held.
+    pub fn release(mut self) -> u64 {
+        let mut closed = 0;
+        for mut c in std::mem::take(&mut self.children) {
+            drop(c.stdin.take());
+            let out = c.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            closed += text
+                .split_whitespace()
+                .skip_while(|w| *w != "closed-by-server")
+                .nth(1)
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("http-load said {text:?}"));
+        }
+        closed
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            drop(c.stdin.take());
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What `http-load probe` measured.
+#[derive(Debug)]
+pub struct Probes {
+    pub ok: u64,
+    pub failed: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub text: String,
+}
+
+/// `count` GETs of `path`, each on a new connection, one after the other.
+pub fn probe(port: u16, count: usize, path: &str) -> Probes {
+    let out = Command::new(HTTP_LOAD)
+        .args([
+            "probe",
+            &format!("127.0.0.1:{port}"),
+            "--count",
+            &count.to_string(),
+        ])
+        .args(["--path", path])
+        .output()
+        .expect("running http-load probe");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let field = |name: &str| -> f64 {
+        text.split_whitespace()
+            .skip_while(|w| *w != name)
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text:?}"))
+    };
+    Probes {
+        ok: field("ok") as u64,
+        failed: field("failed") as u64,
+        p50_ms: field("p50_ms"),
+        p99_ms: field("p99_ms"),
+        max_ms: field("max_ms"),
+        text,
+    }
+}
+
+/// A process's peak resident memory (VmHWM), in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
 /// One request over loopback with any method, headers and body: (status, head, body).
 pub fn http_send(
     port: u16,
@@ -437,7 +579,8 @@ pub fn http_send(
 ) -> (u16, String, String) {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n");
     for (n, v) in headers {
         req.push_str(&format!("{n}: {v}\r\n"));
     }

@@ -616,6 +616,184 @@ fn cross_origin_and_non_json_requests_are_refused_and_start_nothing() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
+/// The box's own host name, as its page must answer to it.
+fn own_host_name() -> String {
+    nix::unistd::gethostname()
+        .unwrap()
+        .to_string_lossy()
+        .to_ascii_lowercase()
+}
+
+/// Issue 12: a page on a name rebound to the box's address sends its requests as same-origin
+/// (`Origin` equals `Host`), so only the name itself gives it away.
+#[test]
+fn a_rebound_name_reaches_nothing_and_the_box_answers_to_its_own_names() {
+    let d = Dir::new();
+    let b = offline_box(&d);
+    let port = free_port();
+    let web = start_serve(&b, port, &["--allowed-host", "opq-7.campus.example"]);
+    let config_before = std::fs::read(&b.config).unwrap();
+    let evil = format!("evil.example:{port}");
+
+    // The very request of the issue, then the same against every endpoint.
+    let body = r#"{"box_config": {"updates_ep": "http://evil.example:18080"}}"#;
+    let attack = |method: &str, path: &str, host: &str, body: &str| {
+        raw_request(
+            port,
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: {host}\r\nOrigin: http://{host}\r\n\
+                 Sec-Fetch-Site: same-origin\r\nContent-Type: application/json\r\n\
+                 Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+    };
+    let r = attack("POST", "/box_config", &evil, body);
+    assert_eq!(r.status, 421, "{}", r.text());
+    assert_eq!(r.json()["ok"], false);
+    let why = r.json()["error"].as_str().unwrap().to_string();
+    assert!(
+        why.contains("evil.example") && why.contains("--allowed-host"),
+        "{why}"
+    );
+    for (method, path, body) in [
+        ("POST", "/box_update", r#"{"force": true}"#),
+        ("POST", "/box_config", body),
+        ("GET", "/box_config", ""),
+        ("GET", "/box_update/status", ""),
+        ("GET", "/version", ""),
+        ("GET", "/", ""),
+        (
+            "POST",
+            "/box_update/upload?name=opq-box-update-1.tar.bz2",
+            "BZh9",
+        ),
+        ("GET", "/no-such-page", ""),
+    ] {
+        for host in [
+            evil.as_str(),
+            "evil.example",
+            "localhost.evil.example",
+            "127.0.0.1.nip.io:80",
+        ] {
+            let r = attack(method, path, host, body);
+            assert_eq!(r.status, 421, "{method} {path} as {host}: {}", r.text());
+        }
+    }
+    // An absolute-form target names the host, whatever Host says (RFC 9112 3.2.2).
+    let r = raw_request(
+        port,
+        format!(
+            "POST http://{evil}/box_config HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    assert_eq!(r.status, 421, "{}", r.text());
+    assert_eq!(std::fs::read(&b.config).unwrap(), config_before);
+    let s = get(port, "/box_update/status").json();
+    assert_eq!(
+        (s["state"].as_str(), s["running"].as_bool()),
+        (Some("idle"), Some(false))
+    );
+
+    // Its own names: loopback addresses, localhost (an SSH tunnel), its host name, each of its
+    // interface addresses, and the operator's extra name; any port.
+    let mut own = vec![
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "LocalHost.".to_string(),
+        format!("[::1]:{port}"),
+        format!("{}:{port}", own_host_name()),
+        "opq-7.campus.example".to_string(),
+    ];
+    for ifa in nix::ifaddrs::getifaddrs().unwrap() {
+        let Some(addr) = ifa.address else { continue };
+        if let Some(v4) = addr.as_sockaddr_in() {
+            own.push(format!("{}:{port}", v4.ip()));
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            own.push(format!("[{}]:{port}", v6.ip()));
+        }
+    }
+    for host in &own {
+        let r = raw_request(
+            port,
+            format!("GET /version HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        );
+        assert_eq!(r.status, 200, "as {host}: {}", r.text());
+        let origin = format!("http://{host}");
+        let r = attack("POST", "/box_config", host, &{
+            let mut v: Value = serde_json::from_slice(&config_before).unwrap();
+            v["note"] = json!(origin);
+            json!({ "box_config": v }).to_string()
+        });
+        assert_eq!(r.status, 200, "POST as {host}: {}", r.text());
+    }
+    // HTTP/1.0 without any Host comes from no browser.
+    let r = raw_request(port, b"GET /version HTTP/1.0\r\n\r\n");
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop(web);
+
+    // `*` lets every name in, as before the guard; the log says so at start.
+    let web = start_serve(&b, port, &["--allowed-host", "*"]);
+    let r = attack("GET", "/version", &evil, "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop(web);
+    let log = std::fs::read_to_string(b.root.parent().unwrap().join("serve.log")).unwrap();
+    assert!(
+        log.contains("refused a request for host \"evil.example\""),
+        "{log}"
+    );
+    assert!(log.contains("any host name (--allowed-host '*')"), "{log}");
+}
+
+/// Without a configured token the box makes one, kept 0600 in its state, asked of other
+/// machines; this machine (and so an SSH tunnel) needs none. `--no-token` opens the box.
+#[test]
+fn a_box_without_a_configured_token_makes_one_for_other_machines() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = Dir::new();
+    let b = offline_box(&d);
+    let port = free_port();
+    let web = start_serve(&b, port, &[]);
+    let file = b.root.join("var/lib/box-updater/web-token");
+    let token = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(token.trim().len(), 32, "{token:?}");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // From loopback: no token needed.
+    assert_eq!(get(port, "/version").status, 200);
+    let r = post_json(
+        port,
+        "/box_config",
+        &serde_json::from_slice::<Value>(&std::fs::read(&b.config).unwrap()).unwrap(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop(web);
+    // The same token after a restart.
+    let web = start_serve(&b, port, &[]);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), token);
+    drop(web);
+    let log = std::fs::read_to_string(b.root.parent().unwrap().join("serve.log")).unwrap();
+    assert!(
+        log.contains(&format!(
+            "token in {} required from other machines",
+            file.display()
+        )),
+        "{log}"
+    );
+    let web = start_serve(&b, port, &["--no-token"]);
+    assert_eq!(get(port, "/version").status, 200);
+    drop(web);
+    let log = std::fs::read_to_string(b.root.parent().unwrap().join("serve.log")).unwrap();
+    assert!(log.contains("no token (--no-token)"), "{log}");
+}
+
 #[test]
 fn the_token_guards_the_api_but_not_the_page() {
     let d = Dir::new();
@@ -1001,13 +1179,10 @@ fn a_chunked_request_body_gets_a_clear_411() {
     assert_still_serving(&mut web, "chunked bodies");
 }
 
-#[test]
-fn a_flood_of_connections_gets_503_past_the_limit_and_the_daemon_stays_up() {
-    let d = Dir::new();
-    let b = offline_box(&d);
-    let mut web = start_serve(&b, free_port(), &[]);
-    let port = web.port;
-    let flood: Vec<TcpStream> = (0..600)
+/// Opens `n` connections at once, then sends `/version` on each in turn; returns how many were
+/// answered 200 and how many 503.
+fn flood(port: u16, n: usize) -> (usize, usize) {
+    let flood: Vec<TcpStream> = (0..n)
         .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connecting"))
         .collect();
     let request = format!("GET /version HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n");
@@ -1029,9 +1204,29 @@ fn a_flood_of_connections_gets_503_past_the_limit_and_the_daemon_stays_up() {
             other => panic!("connection answered {other}: {}", r.text()),
         }
     }
-    assert_eq!(served + busy, 600);
-    assert!(served >= 1, "none served");
-    assert!(busy >= 1, "600 connections at once, and no limit met");
+    (served, busy)
+}
+
+#[test]
+fn a_flood_of_connections_is_held_and_past_the_limit_gets_503() {
+    let d = Dir::new();
+    let b = offline_box(&d);
+    // Open connections cost no thread: 600 at once are all held and all answered.
+    let mut web = start_serve(&b, free_port(), &[]);
+    assert_eq!(flood(web.port, 600), (600, 0));
     assert_still_serving(&mut web, "600 connections");
+    drop(web);
+
+    // Past the bound on open connections, new ones get 503 at once, and the daemon lives on.
+    let mut web = start_serve(&b, free_port(), &["--web-max-connections", "50"]);
+    let port = web.port;
+    let (served, busy) = flood(port, 200);
+    assert_eq!(served + busy, 200);
+    assert!(served >= 1, "none served");
+    assert!(
+        busy >= 100,
+        "200 connections at once with a bound of 50: {busy} turned away"
+    );
+    assert_still_serving(&mut web, "200 connections over the bound");
     assert_eq!(get(port, "/").status, 200);
 }
