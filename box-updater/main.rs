@@ -38,7 +38,7 @@ enum Command {
     Status,
     /// Switches back to the previous release and reboots.
     Rollback,
-    /// At boot: confirms a newly switched release, or rolls it back.
+    /// At boot (the guard): confirms a newly switched release, or rolls it back.
     Confirm,
 }
 
@@ -71,6 +71,9 @@ struct Opts {
     /// Command run after the reboot in the new release's directory; failing it rolls back.
     #[arg(long, global = true, value_name = "CMD")]
     health_check: Option<String>,
+    /// Seconds a new release has after a boot to come up healthy (its units, its health check).
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 120)]
+    health_timeout: u64,
     /// PEM file of CA certificates to trust for an https update server.
     #[arg(long, global = true, value_name = "FILE")]
     ca_file: Option<PathBuf>,
@@ -126,6 +129,7 @@ fn settings(opts: &Opts) -> anyhow::Result<Settings> {
     s.allow_unverified = opts.allow_unverified;
     s.reboot_command = opts.reboot_command.clone();
     s.health_check = opts.health_check.clone();
+    s.health_timeout = Duration::from_secs(opts.health_timeout.max(1));
     s.http.ca_file = opts.ca_file.clone();
     s.http.connect_timeout = Duration::from_secs(opts.network_timeout.clamp(1, 3600));
     s.http.read_timeout = Duration::from_secs(opts.network_timeout.clamp(1, 3600));

@@ -9,7 +9,14 @@
 #
 # Run by hand or by the old shell updater (none of those variables set): it migrates the box. It
 # copies this release under /opt/opq/releases/, switches /opt/opq/current to it, installs the
-# units and enables box-updater, so that later updates go through box-updater.
+# units and enables box-updater, and installs the guard (a copy of this box-updater kept in
+# /var/lib/box-updater/guard/ and box-updater-guard.service, which confirms or rolls back each
+# new release at boot), so that later updates go through box-updater.
+#
+# Either way, when the box still has the original page (box-config-daemon) and its updater.sh,
+# that script is replaced by one that asks box-updater for the update: the old Update Box button
+# then installs only verified, signed images, atomically, with a way back, instead of running
+# whatever the server sends and rebooting whatever happened.
 #
 # Every path it writes lies under BOX_ROOT (default /), so it can run in a sandbox.
 set -eu
@@ -50,6 +57,8 @@ migrate_release() {
     if [ "$release_src" != "$(cd "$dest" 2>/dev/null && pwd -P || true)" ]; then
         rm -rf "$dest.partial"
         cp -a "$release_src" "$dest.partial"
+        # The old updater unpacked the image as its own user; the release belongs to root.
+        if [ "$(id -u)" -eq 0 ]; then chown -R 0:0 "$dest.partial"; fi
         rm -rf "$dest"
         mv "$dest.partial" "$dest"
     fi
@@ -67,6 +76,9 @@ install_units() {
     for unit in "$release_dir"/*/*.service; do
         [ -f "$unit" ] || continue
         base=$(basename "$unit")
+        # The guard is never the new release's to replace: box-updater installs it from a
+        # release only once that release is confirmed (a migration installs it below).
+        [ "$base" = box-updater-guard.service ] && continue
         if ! cmp -s "$unit" "$units_dir/$base"; then
             cp "$unit" "$units_dir/$base.new"
             chmod 0644 "$units_dir/$base.new"
@@ -88,10 +100,69 @@ install_units() {
     fi
 }
 
+# The guard of a migrated box: this release's box-updater, outside releases/, and its unit.
+install_guard() {
+    updater="$release_dir/box-updater/box-updater"
+    guard_unit="$release_dir/box-updater/box-updater-guard.service"
+    [ -x "$updater" ] && [ -f "$guard_unit" ] || return 0
+    guard_dir="$root/var/lib/box-updater/guard"
+    mkdir -p "$guard_dir" "$units_dir/multi-user.target.wants"
+    cp "$updater" "$guard_dir/.box-updater.new"
+    chmod 0755 "$guard_dir/.box-updater.new"
+    sync
+    mv "$guard_dir/.box-updater.new" "$guard_dir/box-updater"
+    cp "$guard_unit" "$units_dir/box-updater-guard.service.new"
+    chmod 0644 "$units_dir/box-updater-guard.service.new"
+    mv "$units_dir/box-updater-guard.service.new" "$units_dir/box-updater-guard.service"
+    ln -sfn /etc/systemd/system/box-updater-guard.service \
+        "$units_dir/multi-user.target.wants/box-updater-guard.service"
+    sync
+    log "installed the guard (box-updater-guard.service)"
+}
+
+# The original page's updater, if the box still has it, now asks box-updater for the update.
+replace_old_updater() {
+    old="$root/usr/local/box-config-daemon/updater/updater.sh"
+    [ -f "$old" ] && [ -x "$release_dir/box-updater/box-updater" ] || return 0
+    grep -q '^# This updater asks box-updater' "$old" 2>/dev/null && return 0
+    cat >"$old.new" <<'SHIM'
+#!/bin/sh
+# This updater asks box-updater for the update.
+# The original Update Box button's updater was replaced by this when box-updater was installed:
+# box-updater (port 8080) does the update, which installs only a verified, signed image,
+# atomically, and rolls back a release that does not come up. It installs nothing itself and
+# never reboots: box-updater reboots the box when an update is installed.
+url=http://127.0.0.1:8080
+config=/etc/opq/opqbox_config.json
+token=$(sed -n 's/.*"updater_token"[[:space:]]*:[[:space:]]*"\([^"]*\)".*/\1/p' "$config" 2>/dev/null | head -n 1)
+echo "Asking box-updater for the update..."
+if ! wget -q -O - --header='Content-Type: application/json' ${token:+--header="X-Box-Token: $token"} \
+    --post-data='{}' "$url/box_update"; then
+    echo "box-updater did not take the update; is box-updater.service running? Nothing was installed."
+    exit 1
+fi
+# Follow it to its end, so that this log says how it went.
+i=0
+while [ $i -lt 3600 ]; do
+    sleep 1
+    i=$((i + 1))
+    status=$(wget -q -O - ${token:+--header="X-Box-Token: $token"} "$url/box_update/status") || continue
+    case $status in *'"running":false'*) break ;; esac
+done
+echo "box-updater: $(printf '%s' "$status" | sed -n 's/.*"message":"\([^"]*\)".*/\1/p')"
+case $status in *'"state":"failed"'*) exit 1 ;; esac
+SHIM
+    chmod 0755 "$old.new"
+    mv "$old.new" "$old"
+    log "the original page's updater.sh now asks box-updater"
+}
+
 if [ "$mode" = migrate ]; then
     migrate_release
+    install_guard
 else
     release_dir=$release_src
 fi
 install_units
+replace_old_updater
 log "done"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every benchmark side by side against its real peer (Debian's tar/bzip2, lbzip2, wget, nginx) and
-# writes docs/benchmarks.md. Usage: scripts/bench.sh [part...]   (parts: build update server)
+# writes docs/benchmarks.md. Usage: scripts/bench.sh [part...]   (parts: build update server fleet)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -19,7 +19,7 @@ export BENCH_WORK=${BENCH_WORK:-$(mktemp -d /tmp/opq-bench.XXXXXX)}
 trap 'rm -rf "$BENCH_WORK"' EXIT
 
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(build update server)
+[ ${#parts[@]} -gt 0 ] || parts=(build update server fleet)
 for part in "${parts[@]}"; do
     echo "== bench: $part" >&2
     : >"$BENCH_WORK/$part.md"
@@ -36,7 +36,7 @@ old = open(doc).read() if os.path.exists(doc) else ""
 out = ["# Benchmarks", "",
        f"Written by `scripts/bench.sh` ({cores} cores, {mem}, {arch}, {cpu}); each section says when it was run.",
        "Each comparison runs both sides in the same run on the same files; ratios are ours / peer's.", ""]
-for part in ["build", "update", "server"]:
+for part in ["build", "update", "server", "fleet"]:
     fresh = os.path.join(work, part + ".md")
     if os.path.exists(fresh):
         body = f"_Run on {day}._\n\n" + open(fresh).read().strip() + "\n"

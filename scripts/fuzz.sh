@@ -15,7 +15,7 @@ cd "$(dirname "$0")/.."
 secs=${1:-15}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(image_name sha256sums unpack http_request bunzip)
+[ ${#targets[@]} -gt 0 ] || targets=(image_name sha256sums unpack http_request fleet_report bunzip)
 say() { echo "fuzz.sh: $*" >&2; }
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then

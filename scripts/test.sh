@@ -41,6 +41,8 @@ for pair in "${apt_needs[@]}"; do
 done
 [ -d /usr/aarch64-linux-gnu/lib ] || missing+=(libc6-dev-arm64-cross)
 [ -d /usr/arm-linux-gnueabihf/lib ] || missing+=(libc6-dev-armhf-cross)
+# The fleet's tests start a PostgreSQL server of their own with initdb and pg_ctl.
+compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
     { $SUDO apt-get update -qq &&
@@ -84,6 +86,14 @@ fi
 if [ "${FUZZ_SECONDS:-15}" != 0 ]; then
     say "fuzzing each target for ${FUZZ_SECONDS:-15} s (scripts/fuzz.sh)"
     bash scripts/fuzz.sh "${FUZZ_SECONDS:-15}" || status=1
+fi
+
+# The box's story on a virtual box (qemu, systemd, real reboots); root for its test bed.
+if [ "$(id -u)" -eq 0 ]; then
+    say "the box's story on a virtual box (scripts/system-test.sh)"
+    bash scripts/system-test.sh || status=1
+else
+    say "NOTE: not root: the virtual box's story (scripts/system-test.sh) is SKIPPED; CI runs as root"
 fi
 
 say "checking that no test left a process behind"

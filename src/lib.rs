@@ -3,6 +3,7 @@
 pub mod archive;
 pub mod build;
 pub mod cli;
+pub mod fleet;
 pub mod fsutil;
 pub mod http;
 pub mod image;

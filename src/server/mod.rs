@@ -65,17 +65,22 @@ pub fn run(settings: Settings) -> Result<()> {
             .context("cannot start the signal thread")?;
     }
 
+    let (fleet, syncer) = crate::fleet::start(&settings.fleet)?;
     let app = routes::App {
         public_base_url: settings.public_base_url.clone(),
         index: index.clone(),
+        fleet,
     };
     let config = http::Config {
         timeout: settings.timeout,
         max_connections: settings.max_connections,
         name: "update-server",
-        bodies: false,
+        // For `POST /report` alone, which takes at most a few KiB.
+        bodies: true,
     };
-    let server = http::Server::new(listener, config, stop, move |req, _| app.respond(req))?;
+    let server = http::Server::new(listener, config, stop, move |req, body| {
+        app.handle(req, body)
+    })?;
 
     log::info!(
         "listening on {}, serving {} from {}",
@@ -85,6 +90,9 @@ pub fn run(settings: Settings) -> Result<()> {
     );
     server.run();
     let left = server.finish(STOP_GRACE);
+    if let Some(s) = syncer {
+        s.stop();
+    }
     if left > 0 {
         log::warn!("stopped with {left} responses cut short");
     } else {

@@ -1,15 +1,18 @@
 //! The endpoints of SPEC.md, answered from the index: `/`, `/ls`, `/version`, `/latest` and
-//! `/update/<name>`.
+//! `/update/<name>`; and the fleet's (`/report`, `/fleet`, `/fleet.json`), which `crate::fleet`
+//! answers. A rollout decides which version `/version` and `/latest` offer a box.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 use serde::Serialize;
 
-use super::index::Index;
+use super::index::{Image, Index, Snapshot};
+use crate::fleet::protocol::REPORT_PATH;
+use crate::fleet::web::Service;
 use crate::fsutil::unix_now;
-use crate::http::{self, FileMeta, Method, Request, Response};
-use crate::image::FileKind;
+use crate::http::{self, FileMeta, Method, Request, RequestBody, Response};
+use crate::image::{FileKind, Version};
 
 const NO_CACHE: &str = "no-cache";
 /// An image's name is its version and the builder never overwrites one, so what a name serves
@@ -21,9 +24,23 @@ pub struct App {
     pub index: Arc<Index>,
     /// Images are served from `<URL>/<name>` elsewhere; this server keeps the index endpoints.
     pub public_base_url: Option<String>,
+    pub fleet: Service,
 }
 
 impl App {
+    /// Every request: the one endpoint that takes a body, then the others.
+    pub fn handle(&self, req: &Request<'_>, body: &mut RequestBody<'_>) -> Response {
+        if http::route_path(req.target) == Some(REPORT_PATH) {
+            if req.method() != Method::Post {
+                return Response::text(405, "reports are sent with POST\n")
+                    .with_header("Allow", "POST");
+            }
+            return self.fleet.report(req, body);
+        }
+        self.respond(req)
+    }
+
+    /// Requests without a body.
     pub fn respond(&self, req: &Request<'_>) -> Response {
         if !matches!(req.method(), Method::Get | Method::Head) {
             return Response::text(405, "only GET and HEAD are allowed\n")
@@ -35,8 +52,14 @@ impl App {
         match path {
             "/" => health(),
             "/ls" => self.ls(req),
-            "/version" => self.version(),
-            "/latest" => self.latest(),
+            "/version" => self.version(req),
+            "/latest" => self.latest(req),
+            "/fleet" => self.fleet.page(),
+            "/fleet.json" => {
+                let snap = self.index.snapshot();
+                let versions: Vec<u64> = snap.images.keys().map(|v| v.get()).collect();
+                self.fleet.view(req, &versions)
+            }
             _ => match path.strip_prefix("/update/") {
                 Some(name) => self.update(req, name),
                 None => not_found(),
@@ -44,16 +67,35 @@ impl App {
         }
     }
 
-    fn version(&self) -> Response {
-        match self.index.snapshot().newest() {
-            Some(img) => Response::text(200, img.name.version().to_string()),
-            None => Response::text(404, NO_IMAGE),
-        }
-        .with_header("Cache-Control", NO_CACHE)
+    /// The image offered to the sender of `req`: the newest, unless a rollout says otherwise.
+    fn offered(&self, req: &Request<'_>, snap: &Snapshot, latest: bool) -> Option<Arc<Image>> {
+        let v = self
+            .fleet
+            .offer(req, snap.images.keys().map(|v| v.get()), latest)?;
+        snap.images.get(&Version::new(v).ok()?).cloned()
     }
 
-    fn latest(&self) -> Response {
-        match self.index.snapshot().newest() {
+    /// The cache headers of an offer: per box while a rollout is set.
+    fn offer_headers(&self, resp: Response) -> Response {
+        if self.fleet.staged() {
+            resp.with_header("Cache-Control", "no-cache, private")
+                .with_header("Vary", "X-OPQ-Box-Id")
+        } else {
+            resp.with_header("Cache-Control", NO_CACHE)
+        }
+    }
+
+    fn version(&self, req: &Request<'_>) -> Response {
+        let snap = self.index.snapshot();
+        self.offer_headers(match self.offered(req, &snap, false) {
+            Some(img) => Response::text(200, img.name.version().to_string()),
+            None => Response::text(404, NO_IMAGE),
+        })
+    }
+
+    fn latest(&self, req: &Request<'_>) -> Response {
+        let snap = self.index.snapshot();
+        self.offer_headers(match self.offered(req, &snap, true) {
             Some(img) => {
                 let location = match &self.public_base_url {
                     Some(base) => format!("{base}/{}", img.name.file_name()),
@@ -62,8 +104,7 @@ impl App {
                 Response::text(303, format!("see {location}\n")).with_header("Location", location)
             }
             None => Response::text(404, NO_IMAGE),
-        }
-        .with_header("Cache-Control", NO_CACHE)
+        })
     }
 
     fn ls(&self, req: &Request<'_>) -> Response {
@@ -104,9 +145,12 @@ impl App {
 
     fn update(&self, req: &Request<'_>, name: &str) -> Response {
         let snap = self.index.snapshot();
-        let Some((_, kind, info)) = snap.lookup(name) else {
+        let Some((image, kind, info)) = snap.lookup(name) else {
             return not_found();
         };
+        let download = kind == FileKind::Image && req.method() == Method::Get;
+        self.fleet
+            .seen(req, download.then(|| image.name.version().get()));
         if let Some(base) = &self.public_base_url {
             // Only names in the index are redirected, so this never points anywhere else.
             let location = format!("{base}/{name}");
@@ -175,6 +219,7 @@ mod tests {
         App {
             index,
             public_base_url: None,
+            fleet: Service::default(),
         }
     }
 

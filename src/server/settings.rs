@@ -7,6 +7,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use crate::fleet::FleetSettings;
+use crate::fleet::rollout::parse_percent;
+use crate::fleet::store::Database;
+
 /// The environment variable of the original docker deployment.
 pub const SETTINGS_ENV: &str = "BOX_UPDATE_SERVER_SETTINGS";
 pub const DEFAULT_PORT: u16 = 8151;
@@ -14,6 +18,11 @@ pub const DEFAULT_DIR: &str = "/var/opq/box-updates";
 const DEFAULT_TIMEOUT_SECS: u64 = 30;
 const DEFAULT_RESCAN_SECS: u64 = 30;
 const DEFAULT_MAX_CONNECTIONS: usize = 512;
+const DEFAULT_MAX_BOXES: usize = 100_000;
+/// A new rollout halts once this many boxes of its share failed or rolled back...
+pub const DEFAULT_HALT_FAILURES: u32 = 3;
+/// ...and they are at least this share (basis points) of the boxes that reported on it.
+pub const DEFAULT_HALT_SHARE: u32 = 1000;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settings {
@@ -31,6 +40,11 @@ pub struct Settings {
     /// Where the image files are served from when they are not served here (a CDN, an
     /// S3-compatible store, nginx): `/latest` and `/update/<name>` redirect to `<URL>/<name>`.
     pub public_base_url: Option<String>,
+    /// The fleet's database, token and bounds.
+    pub fleet: FleetSettings,
+    /// The threshold a new rollout halts at, unless `update-server rollout` is told otherwise.
+    pub halt_failures: u32,
+    pub halt_share: u32,
 }
 
 /// What the command line gave; `None` means "not given".
@@ -41,6 +55,8 @@ pub struct Flags {
     pub bind: Option<IpAddr>,
     pub timeout_secs: Option<u64>,
     pub public_base_url: Option<String>,
+    pub database: Option<String>,
+    pub fleet_token: Option<String>,
 }
 
 /// What the environment's JSON gave.
@@ -53,6 +69,11 @@ struct EnvSettings {
     rescan_secs: Option<u64>,
     max_connections: Option<usize>,
     public_base_url: Option<String>,
+    database: Option<String>,
+    fleet_token: Option<String>,
+    max_boxes: Option<usize>,
+    halt_failures: Option<u32>,
+    halt_share: Option<u32>,
 }
 
 /// A base URL the boxes can fetch from: http(s), a host, no query; kept without a trailing slash.
@@ -82,11 +103,28 @@ impl Settings {
         if max_connections == 0 {
             bail!("max_connections must be at least 1");
         }
+        let dir = flags
+            .dir
+            .or(env.dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR));
+        let database = flags.database.or(env.database);
+        let fleet = FleetSettings {
+            explicit: database.is_some(),
+            database: match &database {
+                Some(d) => Database::parse(d)?,
+                None => Database::beside(&dir),
+            },
+            token: match flags.fleet_token.or(env.fleet_token) {
+                Some(t) if t.trim().is_empty() => bail!("the fleet token is empty"),
+                t => t.map(|t| t.trim().to_string()),
+            },
+            max_boxes: env.max_boxes.unwrap_or(DEFAULT_MAX_BOXES),
+        };
+        if fleet.max_boxes == 0 {
+            bail!("max_boxes must be at least 1");
+        }
         Ok(Settings {
-            dir: flags
-                .dir
-                .or(env.dir)
-                .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR)),
+            dir,
             bind: flags
                 .bind
                 .or(env.bind)
@@ -109,6 +147,9 @@ impl Settings {
                 .or(env.public_base_url)
                 .map(|u| base_url(&u))
                 .transpose()?,
+            fleet,
+            halt_failures: env.halt_failures.unwrap_or(DEFAULT_HALT_FAILURES),
+            halt_share: env.halt_share.unwrap_or(DEFAULT_HALT_SHARE),
         })
     }
 
@@ -154,6 +195,28 @@ fn parse_env(text: &str) -> Result<EnvSettings> {
                     .as_str()
                     .with_context(|| format!("\"public_base_url\" must be a string, not {v}"))?;
                 out.public_base_url = Some(s.to_string());
+            }
+            "database" | "fleet_token" => {
+                let s = v
+                    .as_str()
+                    .with_context(|| format!("{key:?} must be a string, not {v}"))?;
+                let slot = if key == "database" {
+                    &mut out.database
+                } else {
+                    &mut out.fleet_token
+                };
+                *slot = Some(s.to_string());
+            }
+            "max_boxes" => out.max_boxes = Some(number(v, key)?),
+            "halt_failures" => out.halt_failures = Some(number(v, key)?),
+            "halt_share" => {
+                let text = match v {
+                    Value::Number(n) => n.to_string(),
+                    Value::String(s) => s.clone(),
+                    _ => String::new(),
+                };
+                out.halt_share =
+                    Some(parse_percent(&text).map_err(|e| anyhow::anyhow!("\"halt_share\": {e}"))?);
             }
             // The deployment's JSON may carry keys meant for other services.
             other => log::warn!("ignoring unknown setting {other:?} in {SETTINGS_ENV}"),
@@ -218,6 +281,8 @@ mod tests {
             bind: Some("::1".parse().unwrap()),
             timeout_secs: Some(2),
             public_base_url: Some("https://cdn.example/boxes/".into()),
+            database: Some("postgres://fleet@db/fleet".into()),
+            fleet_token: Some("t".into()),
         };
         let s = Settings::resolve(
             flags,
@@ -252,6 +317,48 @@ mod tests {
             (r#"{"bind": "localhost"}"#, "give 127.0.0.1"),
             (r#"{"timeout_secs": 0}"#, "at least 1 second"),
             (r#"{"max_connections": 0}"#, "at least 1"),
+        ] {
+            let err = format!(
+                "{:#}",
+                Settings::resolve(Flags::default(), Some(text)).unwrap_err()
+            );
+            assert!(err.contains(want), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn fleet_settings_default_beside_the_directory() {
+        let s = Settings::resolve(Flags::default(), Some(r#"{"updates_dir": "/srv/u"}"#)).unwrap();
+        assert_eq!(
+            s.fleet.database,
+            Database::Sqlite("/srv/u.fleet.sqlite".into())
+        );
+        assert!(!s.fleet.explicit && s.fleet.token.is_none());
+        assert_eq!((s.halt_failures, s.halt_share), (3, 1000));
+        let s = Settings::resolve(
+            Flags::default(),
+            Some(
+                r#"{"database": "/var/lib/fleet.db", "fleet_token": "op", "max_boxes": 5,
+                    "halt_failures": 10, "halt_share": 2.5}"#,
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            s.fleet.database,
+            Database::Sqlite("/var/lib/fleet.db".into())
+        );
+        assert!(s.fleet.explicit);
+        assert_eq!(s.fleet.token.as_deref(), Some("op"));
+        assert_eq!(
+            (s.fleet.max_boxes, s.halt_failures, s.halt_share),
+            (5, 10, 250)
+        );
+        for (text, want) in [
+            (r#"{"database": "mysql://x/y"}"#, "neither postgres"),
+            (r#"{"database": 5}"#, "must be a string"),
+            (r#"{"fleet_token": " "}"#, "token is empty"),
+            (r#"{"max_boxes": 0}"#, "at least 1"),
+            (r#"{"halt_share": 101}"#, "percentage"),
         ] {
             let err = format!(
                 "{:#}",

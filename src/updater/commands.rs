@@ -21,6 +21,11 @@ pub fn status_json(engine: &Engine) -> serde_json::Value {
     obj.insert("version".into(), json!(engine.layout().installed_version()));
     obj.insert("running".into(), json!(running));
     obj.insert("log_tail".into(), json!(engine.log.tail(20)));
+    obj.insert("box_id".into(), json!(engine.box_id));
+    obj.insert(
+        "reports_pending".into(),
+        json!(engine.outbox.pending().len()),
+    );
     // An update that reached `rebooting` has finished its work and waits for the restart, so
     // only the other steps, found without the lock, mean an interrupted update.
     if !running && s.state.is_running() && s.state != Step::Rebooting {
@@ -58,7 +63,9 @@ pub fn busy(e: RunError) -> (i32, String) {
 }
 
 pub fn update(engine: &Engine, force: bool) -> (i32, String) {
-    match engine.update(Source::Server { force }) {
+    let result = engine.update(Source::Server { force });
+    engine.send_reports();
+    match result {
         Ok(s) => outcome(&s),
         Err(e) => busy(e),
     }
@@ -68,7 +75,9 @@ pub fn update(engine: &Engine, force: bool) -> (i32, String) {
 /// boot after a confirmed one finds, and an earlier failure is no business of this boot.
 pub fn confirm(engine: &Engine) -> (i32, String) {
     let before = engine.status.get();
-    match engine.confirm() {
+    let result = engine.confirm();
+    engine.send_reports();
+    match result {
         // A confirm that ran recorded an outcome (committed, rolled back or failed).
         Ok(s) if before.pending.is_none() && s.last_result == before.last_result => {
             let running = engine
@@ -81,13 +90,17 @@ pub fn confirm(engine: &Engine) -> (i32, String) {
                 format!("nothing to confirm: no update is waiting for confirmation; {running}"),
             )
         }
+        // Not healthy at this boot: the box reboots to confirm again.
+        Ok(s) if s.state == Step::Rebooting => (EXIT_FAILED, s.message),
         Ok(s) => outcome(&s),
         Err(e) => busy(e),
     }
 }
 
 pub fn rollback(engine: &Engine) -> (i32, String) {
-    match engine.rollback("asked for by hand") {
+    let result = engine.rollback("asked for by hand");
+    engine.send_reports();
+    match result {
         Ok(s) => (
             if s.state == Step::RolledBack {
                 EXIT_OK
@@ -102,5 +115,7 @@ pub fn rollback(engine: &Engine) -> (i32, String) {
 
 pub fn check(engine: &Engine) -> Result<serde_json::Value> {
     let offer = crate::updater::states::checking::check(engine)?;
+    // The server answered: a moment to send what waits.
+    engine.send_reports();
     Ok(serde_json::to_value(offer)?)
 }

@@ -9,14 +9,16 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use crate::archive::unpack::Limits;
+use crate::fleet::protocol::{Outcome as ReportOutcome, PROTOCOL_VERSION, Report};
 use crate::fsutil::unix_now;
 use crate::image::Version;
 use crate::updater::http::{FetchError, Http, HttpOptions};
 use crate::updater::layout::Layout;
 use crate::updater::lock::{LockError, UpdateLock};
 use crate::updater::log::UpdateLog;
+use crate::updater::report::{self, Outbox};
 use crate::updater::states::{State, Transition};
-use crate::updater::status::{Outcome, Status, StatusStore, Step};
+use crate::updater::status::{Outcome, Pending, Status, StatusStore, Step};
 
 #[derive(Clone)]
 pub struct Settings {
@@ -27,7 +29,10 @@ pub struct Settings {
     pub reboot_command: Option<String>,
     pub health_check: Option<String>,
     pub install_timeout: Duration,
+    /// The time a new release has after a boot to come up healthy.
     pub health_timeout: Duration,
+    /// How long a release's unit must stay up, without a restart, to count as up.
+    pub settle: Duration,
     /// Boots without a confirmation after which the new release is rolled back.
     pub max_boots: u32,
     /// The most an image may expand to, whatever the free space.
@@ -52,6 +57,7 @@ impl Settings {
             health_check: None,
             install_timeout: Duration::from_secs(600),
             health_timeout: Duration::from_secs(120),
+            settle: Duration::from_secs(5),
             max_boots: 3,
             max_expanded: 4 << 30,
             reserve: 32 << 20,
@@ -87,6 +93,10 @@ pub struct Engine {
     pub status: StatusStore,
     pub log: UpdateLog,
     pub http: Http,
+    /// How the box names itself to the update server.
+    pub box_id: String,
+    /// Reports of update attempts not yet sent.
+    pub outbox: Outbox,
     /// Set when the daemon is asked to stop: an update in this process starts no further step
     /// before the switch (see `request_stop`).
     stopping: std::sync::Mutex<bool>,
@@ -125,14 +135,33 @@ impl Engine {
                 env!("CARGO_PKG_VERSION")
             );
         }
-        let http = Http::new(&settings.http)?;
+        let mut http = Http::new(&settings.http)?;
+        let status = StatusStore::load(layout.state_file());
+        let box_id = report::box_id(layout, &settings.box_config);
+        http.set_headers(report::header_source(
+            box_id.clone(),
+            layout.clone(),
+            status.clone(),
+        ));
         Ok(Engine {
-            status: StatusStore::load(layout.state_file()),
+            outbox: Outbox::new(&layout.state_dir()),
+            status,
             log: UpdateLog::new(layout.log_file()),
             http,
+            box_id,
             settings,
             stopping: std::sync::Mutex::new(false),
         })
+    }
+
+    /// Sends the reports that wait, if the server can be reached; never fails. Callers send
+    /// after an update, a confirm or a rollback ends, where waiting on the network holds up
+    /// nothing else.
+    pub fn send_reports(&self) {
+        let sent = self.outbox.flush(&self.http, &self.settings.box_config);
+        if sent > 0 {
+            log::info!("sent {sent} update reports to the update server");
+        }
     }
 
     /// Asks an update running in this process to stop at its next step, if that step comes
@@ -205,6 +234,7 @@ impl Engine {
             s.bytes_done = 0;
             s.bytes_total = None;
             s.target_version = None;
+            s.step_ms.clear();
         });
         let first = match source {
             Source::Server { force } => State::checking(force),
@@ -218,14 +248,35 @@ impl Engine {
         Ok(self.drive(first))
     }
 
-    /// After a boot: confirms a switched release, or rolls it back. Nothing pending: no-op.
+    /// After a boot: confirms a switched release, or rolls it back. A release that was never
+    /// confirmed (installed by the old shell updater, or before confirmations were recorded) is
+    /// checked the same way, with nothing to roll back to. Otherwise: no-op.
     pub fn confirm(&self) -> Result<Status, RunError> {
         let _lock = self.lock_for_run()?;
         self.clean_leftovers();
-        match self.status.get().pending {
-            Some(p) => Ok(self.drive(State::confirming(p))),
-            None => Ok(self.status.get()),
-        }
+        let status = self.status.get();
+        let end = match (status.pending, self.layout().current()) {
+            (Some(p), _) => {
+                // The time from the switch to this start: the reboot, as the report tells it.
+                let rebooting = unix_now().saturating_sub(p.switched_at) * 1000;
+                self.status.update(|s| {
+                    s.step_ms.insert(Step::Rebooting.name().into(), rebooting);
+                });
+                self.drive(State::confirming(p))
+            }
+            // Installed without box-updater (the old shell updater): checked the same way, with
+            // nothing to roll back to.
+            (None, Some(current)) if status.confirmed != Some(current.version()) => {
+                self.drive(State::confirming(Pending {
+                    new: current.version(),
+                    previous: None,
+                    boots: 0,
+                    switched_at: 0,
+                }))
+            }
+            (None, _) => status,
+        };
+        Ok(end)
     }
 
     /// Switches back to the previous release by hand. A box without one is an error of its own,
@@ -240,10 +291,22 @@ impl Engine {
                     .unwrap_or_else(|| "no release is installed on this box yet".into()),
             )
         })?;
+        self.status.update(|s| {
+            s.started_at = Some(unix_now());
+            s.step_ms.clear();
+        });
         Ok(self.drive(State::rolling_back(self, to, reason)))
     }
 
     fn drive(&self, mut state: State) -> Status {
+        // The step just handled and when it began, to add its time to `step_ms`.
+        let mut timing: Option<(Step, Instant)> = None;
+        let spent = |timing: &Option<(Step, Instant)>, s: &mut Status| {
+            if let Some((step, t0)) = timing {
+                *s.step_ms.entry(step.name().to_string()).or_insert(0) +=
+                    t0.elapsed().as_millis() as u64;
+            }
+        };
         loop {
             // Under the stop lock, so that `request_stop` sees either this step or the refusal.
             let stopping = self.stopping.lock().unwrap_or_else(|e| e.into_inner());
@@ -254,6 +317,7 @@ impl Engine {
             let message = state.describe();
             let target = state.target();
             self.status.update(|s| {
+                spent(&timing, s);
                 s.state = step;
                 s.message = message.clone();
                 if target.is_some() {
@@ -267,6 +331,7 @@ impl Engine {
                 }
             });
             drop(stopping);
+            timing = Some((step, Instant::now()));
             // A failure logs itself, once, as an error.
             if !message.is_empty() && step != Step::Failed {
                 self.log.info(&message);
@@ -277,6 +342,7 @@ impl Engine {
             if transition == Transition::Stop {
                 let (step, message) = (state.step(), state.describe());
                 self.status.update(|s| {
+                    spent(&timing, s);
                     s.state = step;
                     s.message = message;
                 });
@@ -287,6 +353,20 @@ impl Engine {
 
     /// Adds a finished update to the history.
     pub fn record(&self, result: Step, from: Option<Version>, to: Option<Version>, message: &str) {
+        self.record_step(result, from, to, message, None);
+    }
+
+    /// The same, naming the step a failure happened at. An outcome the update server should hear
+    /// of (committed, failed, rolled back) also goes to the report outbox, durably, before
+    /// anything else happens (such as the reboot after a rollback).
+    pub fn record_step(
+        &self,
+        result: Step,
+        from: Option<Version>,
+        to: Option<Version>,
+        message: &str,
+        failed_at: Option<Step>,
+    ) {
         self.status.update(|s| {
             s.record(Outcome {
                 at: unix_now(),
@@ -295,6 +375,31 @@ impl Engine {
                 result,
                 message: message.to_string(),
             })
+        });
+        let outcome = match result {
+            Step::Committed => ReportOutcome::Committed,
+            Step::Failed => ReportOutcome::Failed,
+            Step::RolledBack => ReportOutcome::RolledBack,
+            _ => return,
+        };
+        let status = self.status.get();
+        let (target, previous) = match outcome {
+            // A rollback goes from the release it gives up to the one before.
+            ReportOutcome::RolledBack => (from, to),
+            _ => (to, from),
+        };
+        self.outbox.queue(Report {
+            v: PROTOCOL_VERSION,
+            box_id: self.box_id.clone(),
+            outcome,
+            target_version: target.map(Version::get),
+            running_version: self.layout().installed_version().map(Version::get),
+            previous_version: previous.map(Version::get),
+            step: failed_at,
+            message: message.to_string(),
+            started_at: status.started_at,
+            finished_at: Some(unix_now()),
+            durations_ms: status.step_ms,
         });
     }
 
@@ -315,8 +420,54 @@ impl Engine {
         }
     }
 
-    /// Runs a shell command line in `cwd` with a time limit, its output into the update log.
-    pub fn run_logged(&self, what: &str, mut cmd: Command, timeout: Duration) -> Result<()> {
+    /// Runs `f`, retrying transient failures (the network) with exponential backoff, at most
+    /// `--retries` times; `what` names the thing fetched in the log.
+    pub fn with_retries<T>(
+        &self,
+        what: &str,
+        mut f: impl FnMut() -> Result<T, FetchError>,
+    ) -> Result<T, FetchError> {
+        let s = &self.settings;
+        let mut delay = s.retry_delay;
+        for attempt in 0..=s.retries {
+            match f() {
+                Ok(v) => return Ok(v),
+                Err(e @ FetchError::Permanent(_)) => return Err(e),
+                Err(FetchError::Transient(m)) if attempt < s.retries => {
+                    self.log.warn(&format!(
+                        "fetching {what}: {m}; retry {} of {} in {:?}",
+                        attempt + 1,
+                        s.retries,
+                        delay
+                    ));
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+                Err(FetchError::Transient(m)) => {
+                    return Err(FetchError::Transient(format!(
+                        "{m} (gave up after {} retries)",
+                        s.retries
+                    )));
+                }
+            }
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// Runs a command with a time limit, its output into the update log.
+    pub fn run_logged(&self, what: &str, cmd: Command, timeout: Duration) -> Result<()> {
+        self.run_logged_watched(what, cmd, timeout, &mut || None)
+    }
+
+    /// The same, asking `watch` about once a second whether to give up on it: `Some(reason)`
+    /// stops the command (its whole process group) and fails with that reason.
+    pub fn run_logged_watched(
+        &self,
+        what: &str,
+        mut cmd: Command,
+        timeout: Duration,
+        watch: &mut dyn FnMut() -> Option<String>,
+    ) -> Result<()> {
         use std::os::unix::process::CommandExt;
         let out = self.log.for_child().context("opening the update log")?;
         let err = out.try_clone()?;
@@ -327,7 +478,14 @@ impl Engine {
         let mut child = cmd
             .spawn()
             .with_context(|| format!("cannot start {what}"))?;
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
+        let mut next_watch = started + Duration::from_secs(1);
+        let stop = |child: &mut std::process::Child| {
+            let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        };
         loop {
             if let Some(status) = child.try_wait()? {
                 if status.success() {
@@ -338,14 +496,20 @@ impl Engine {
                     None => bail!("{what} was killed by a signal"),
                 }
             }
-            if Instant::now() >= deadline {
-                let pgid = nix::unistd::Pid::from_raw(child.id() as i32);
-                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-                let _ = child.wait();
+            let now = Instant::now();
+            if now >= deadline {
+                stop(&mut child);
                 bail!(
                     "{what} did not finish within {} s and was stopped",
                     timeout.as_secs()
                 );
+            }
+            if now >= next_watch {
+                next_watch = now + Duration::from_secs(1);
+                if let Some(reason) = watch() {
+                    stop(&mut child);
+                    bail!("{reason} ({what} was stopped)");
+                }
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -400,5 +564,37 @@ impl Engine {
         nix::unistd::sync();
         nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_AUTOBOOT).context("reboot")?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watched_command_is_stopped_with_the_watchers_reason() {
+        let d = tempfile::tempdir().unwrap();
+        let engine = Engine::new(Settings::new(d.path().to_path_buf())).unwrap();
+        let mut calls = 0;
+        let started = Instant::now();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg("sleep 30 & sleep 30");
+        let err = engine
+            .run_logged_watched("the check", cmd, Duration::from_secs(60), &mut || {
+                calls += 1;
+                (calls == 2).then(|| "a.service failed".to_string())
+            })
+            .unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "a.service failed (the check was stopped)"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        // Unwatched, a command that passes passes.
+        let mut ok = Command::new("sh");
+        ok.arg("-c").arg("exit 0");
+        engine
+            .run_logged("the check", ok, Duration::from_secs(10))
+            .unwrap();
     }
 }

@@ -5,6 +5,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -32,6 +33,13 @@ pub enum FetchError {
     Permanent(String),
 }
 
+/// The headers a box adds to every request (the fleet protocol's), computed per request since
+/// the box's state changes as it goes.
+pub type HeaderSource = Arc<dyn Fn() -> Vec<(&'static str, String)> + Send + Sync>;
+
+/// How long a report may take: it never holds up an update for long.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How a failure to reach a server begins (see `FetchError::is_unreachable`).
 const UNREACHABLE: &str = "cannot reach ";
 
@@ -46,6 +54,21 @@ impl FetchError {
 pub struct Http {
     agent: Agent,
     no_redirect: Agent,
+    reports: Agent,
+    headers: Option<HeaderSource>,
+}
+
+/// What became of a posted report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Posted {
+    /// The server took it (2xx).
+    Taken,
+    /// The server does not take reports (404, 405, 501: an old server, nginx, a CDN).
+    NotSpoken(u16),
+    /// The server refused this report for good (another 4xx), with its reason.
+    Refused(u16, String),
+    /// Try again later: the network, a 5xx, or 429 (too many).
+    Later(String),
 }
 
 impl Http {
@@ -66,23 +89,64 @@ impl Http {
             tls = tls.root_certs(ureq::tls::RootCerts::from(certs));
         }
         let tls = tls.build();
-        let build = |redirects: u32| -> Agent {
+        let build = |redirects: u32, timeout: Option<Duration>| -> Agent {
             Agent::config_builder()
                 .http_status_as_error(false)
                 .max_redirects(redirects)
                 .max_redirects_will_error(false)
-                .timeout_connect(Some(opts.connect_timeout))
-                .timeout_per_read(Some(opts.read_timeout))
-                .timeout_recv_response(Some(opts.read_timeout))
+                .timeout_connect(Some(timeout.unwrap_or(opts.connect_timeout)))
+                .timeout_per_read(Some(timeout.unwrap_or(opts.read_timeout)))
+                .timeout_recv_response(Some(timeout.unwrap_or(opts.read_timeout)))
+                .timeout_global(timeout)
                 .user_agent(opts.user_agent.as_str())
                 .tls_config(tls.clone())
                 .build()
                 .into()
         };
         Ok(Http {
-            agent: build(5),
-            no_redirect: build(0),
+            agent: build(5, None),
+            no_redirect: build(0, None),
+            reports: build(0, Some(REPORT_TIMEOUT.min(opts.connect_timeout))),
+            headers: None,
         })
+    }
+
+    /// Sends the fleet protocol's headers from `source` on every request from now on.
+    pub fn set_headers(&mut self, source: HeaderSource) {
+        self.headers = Some(source);
+    }
+
+    /// Posts one fleet report (JSON) to `url`.
+    pub fn post_report(&self, url: &str, body: &[u8]) -> Posted {
+        let mut req = self
+            .reports
+            .post(url)
+            .header("Content-Type", "application/json");
+        for (name, value) in self.headers.as_ref().map(|h| h()).unwrap_or_default() {
+            req = req.header(name, value);
+        }
+        let mut resp = match req.send(body) {
+            Ok(r) => r,
+            Err(e) => return Posted::Later(classify(url, e).to_string()),
+        };
+        let status = resp.status().as_u16();
+        let mut text = String::new();
+        let _ = resp
+            .body_mut()
+            .with_config()
+            .limit(4096)
+            .reader()
+            .read_to_string(&mut text);
+        let reason = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or_else(|| text.trim().chars().take(200).collect());
+        match status {
+            200..=299 => Posted::Taken,
+            404 | 405 | 501 => Posted::NotSpoken(status),
+            429 | 408 | 500..=599 => Posted::Later(format!("{url} answered {status}: {reason}")),
+            _ => Posted::Refused(status, reason),
+        }
     }
 
     fn get(
@@ -92,6 +156,9 @@ impl Http {
         range_from: Option<u64>,
     ) -> Result<Response<ureq::Body>, FetchError> {
         let mut req = agent.get(url);
+        for (name, value) in self.headers.as_ref().map(|h| h()).unwrap_or_default() {
+            req = req.header(name, value);
+        }
         if let Some(off) = range_from {
             req = req.header("Range", format!("bytes={off}-"));
         }

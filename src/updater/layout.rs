@@ -48,8 +48,13 @@ impl Layout {
     pub fn log_file(&self) -> PathBuf {
         self.root.join("var/log/opq/box_update.log")
     }
+    /// Where `install_update.sh` installs the box's systemd units.
+    pub fn units_dir(&self) -> PathBuf {
+        self.root.join("etc/systemd/system")
+    }
+    /// The OPQ box's config, where the original box software reads it.
     pub fn default_box_config(&self) -> PathBuf {
-        self.root.join("etc/opq/box_config.json")
+        self.root.join("etc/opq/opqbox_config.json")
     }
 
     pub fn create_dirs(&self) -> io::Result<()> {

@@ -1,6 +1,7 @@
 //! The updater's persisted status: the current or last update's state and progress, the release
 //! awaiting confirmation after a switch, and a short history. One JSON file, written atomically.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -116,10 +117,17 @@ pub struct Status {
     pub updated_at: u64,
     #[serde(default)]
     pub pending: Option<Pending>,
+    /// The last release confirmed healthy (the one a rollback returns to).
+    #[serde(default)]
+    pub confirmed: Option<Version>,
     #[serde(default)]
     pub last_result: Option<Outcome>,
     #[serde(default)]
     pub history: Vec<Outcome>,
+    /// Milliseconds the current or last update spent in each step, by step name; kept across
+    /// the reboot, for its report to the update server.
+    #[serde(default)]
+    pub step_ms: BTreeMap<String, u64>,
 }
 
 impl Status {
@@ -132,16 +140,35 @@ impl Status {
 }
 
 /// The status shared between the engine and its readers, persisted on every step change and at
-/// most once a second for progress.
+/// most once a second for progress. Another process may change the file (the guard confirms a
+/// release while `serve` shows the page): a read picks up the file when it changed on disk.
 #[derive(Clone)]
 pub struct StatusStore {
-    inner: Arc<Mutex<(Status, Instant)>>,
+    inner: Arc<Mutex<Inner>>,
     path: PathBuf,
+}
+
+struct Inner {
+    status: Status,
+    last_write: Instant,
+    /// The file as this store last read or wrote it: (inode, length, mtime in ns).
+    seen: Option<(u64, u64, i128)>,
+}
+
+fn stamp(path: &std::path::Path) -> Option<(u64, u64, i128)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.ino(),
+        m.len(),
+        m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+    ))
 }
 
 impl StatusStore {
     /// Loads the status file; a missing or unreadable one starts fresh (and says so in the log).
     pub fn load(path: PathBuf) -> Self {
+        let seen = stamp(&path);
         let status = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
                 log::warn!(
@@ -153,17 +180,33 @@ impl StatusStore {
             Err(_) => Status::default(),
         };
         StatusStore {
-            inner: Arc::new(Mutex::new((status, Instant::now()))),
+            inner: Arc::new(Mutex::new(Inner {
+                status,
+                last_write: Instant::now(),
+                seen,
+            })),
             path,
         }
     }
 
     pub fn get(&self) -> Status {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .0
-            .clone()
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        self.reload_if_changed(&mut guard);
+        guard.status.clone()
+    }
+
+    /// Takes the file's status when another process wrote it since this store last did.
+    fn reload_if_changed(&self, inner: &mut Inner) {
+        let now = stamp(&self.path);
+        if now.is_none() || now == inner.seen {
+            return;
+        }
+        if let Ok(bytes) = std::fs::read(&self.path)
+            && let Ok(status) = serde_json::from_slice::<Status>(&bytes)
+        {
+            inner.status = status;
+            inner.seen = now;
+        }
     }
 
     /// Changes the status and persists it durably.
@@ -178,14 +221,16 @@ impl StatusStore {
 
     fn change(&self, f: impl FnOnce(&mut Status), force: bool) {
         let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        f(&mut guard.0);
-        guard.0.updated_at = unix_now();
-        if force || guard.1.elapsed() >= Duration::from_secs(1) {
-            guard.1 = Instant::now();
-            let json = serde_json::to_vec_pretty(&guard.0).expect("status serializes");
+        self.reload_if_changed(&mut guard);
+        f(&mut guard.status);
+        guard.status.updated_at = unix_now();
+        if force || guard.last_write.elapsed() >= Duration::from_secs(1) {
+            guard.last_write = Instant::now();
+            let json = serde_json::to_vec_pretty(&guard.status).expect("status serializes");
             if let Err(e) = write_atomic(&self.path, &json, 0o644) {
                 log::error!("cannot write status {}: {e}", self.path.display());
             }
+            guard.seen = stamp(&self.path);
         }
     }
 }
@@ -193,6 +238,16 @@ impl StatusStore {
 #[cfg(test)]
 mod tests {
     use super::Step;
+
+    #[test]
+    fn a_read_picks_up_what_another_process_wrote() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("state.json");
+        let serve = super::StatusStore::load(path.clone());
+        let guard = super::StatusStore::load(path);
+        guard.update(|s| s.confirmed = crate::image::Version::new(5).ok());
+        assert_eq!(serve.get().confirmed, crate::image::Version::new(5).ok());
+    }
 
     #[test]
     fn step_names_are_the_json_names() {

@@ -29,6 +29,8 @@ const MAX_JSON_BODY: u64 = 64 * 1024;
 /// Connections served at once: a few browsers polling the page and an upload or two fit many
 /// times over; past it, a flood gets 503 instead of the box's memory.
 pub const MAX_CONNECTIONS: usize = 64;
+/// How often reports the update server could not take are tried again.
+const REPORT_RETRY: Duration = Duration::from_secs(600);
 
 /// How long answers in flight may take to finish once the daemon is asked to stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -62,9 +64,9 @@ struct Web {
     token: Option<String>,
 }
 
-/// Runs the confirm step of a pending update, then serves until SIGTERM or SIGINT; then answers
-/// in flight get `STOP_GRACE` to finish, and an update this daemon runs is stopped where that
-/// loses nothing (see `stop_update`).
+/// Runs the confirm step of a pending update (unless the guard does it at boot), then serves
+/// until SIGTERM or SIGINT; then answers in flight get `STOP_GRACE` to finish, and an update this
+/// daemon runs is stopped where that loses nothing (see `stop_update`).
 pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
     // Blocked here, before any thread starts, so that every thread inherits the mask and the
     // signals are taken by `sigwait` in one thread. Child processes (install_update.sh) start
@@ -73,7 +75,12 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
     waited.add(Signal::SIGTERM);
     waited.add(Signal::SIGINT);
     waited.thread_block().context("cannot block signals")?;
-    if engine.status.get().pending.is_some() {
+    if engine.status.get().pending.is_some() && crate::updater::guard::installed(engine.layout()) {
+        log::info!(
+            "the pending update is confirmed by {}, not here",
+            crate::updater::guard::UNIT
+        );
+    } else if engine.status.get().pending.is_some() {
         match engine.confirm() {
             Ok(s) => log::info!("confirm at start: {}", s.message),
             Err(e) => log::warn!("confirm at start skipped: {e}"),
@@ -153,6 +160,20 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
                         Err(e) => log::warn!("update not started: {e}"),
                     }
                     busy.store(false, Ordering::SeqCst);
+                    engine.send_reports();
+                }
+            })?;
+    }
+    {
+        // Reports of the confirm at start, and any the server could not take before: retried
+        // now and then, off the request threads.
+        let engine = Arc::clone(&engine);
+        std::thread::Builder::new()
+            .name("reports".into())
+            .spawn(move || {
+                loop {
+                    engine.send_reports();
+                    std::thread::sleep(REPORT_RETRY);
                 }
             })?;
     }
@@ -171,6 +192,7 @@ pub fn serve(engine: Engine, opts: WebOptions) -> Result<()> {
     let server = http::Server::new(listener, config, stop, move |req, body| {
         web.respond(req, body)
     })?;
+    crate::updater::systemd::notify_ready();
     server.run();
     let left = server.finish(STOP_GRACE);
     if left > 0 {

@@ -272,10 +272,28 @@ fn a_failing_health_check_after_the_reboot_rolls_back() {
     f.wait_listed(V2);
     ok(&b.run(&["update"]));
     assert_eq!(b.current_version(), Some(V2));
-    let o = b.run(&["confirm", "--health-check", "echo service down; exit 1"]);
+    // Greenboot's way: a boot that is not healthy reboots to try again while boots are left...
+    let failing = [
+        "--max-boots",
+        "2",
+        "--health-check",
+        "echo service down; exit 1",
+    ];
+    let o = b.run(&[&["confirm"][..], &failing].concat());
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("boot 1 of 2") && stderr(&o).contains("try again"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(b.current_version(), Some(V2));
+    assert_eq!(b.reboot_count(), 3, "installed, updated, retried");
+    assert_eq!(b.status()["pending"]["boots"], 1);
+    // ... and the boot that uses the last one rolls back.
+    let o = b.run(&[&["confirm"][..], &failing].concat());
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(b.current_version(), Some(V1));
-    assert_eq!(b.reboot_count(), 3, "rolled back, then rebooted");
+    assert_eq!(b.reboot_count(), 4, "rolled back, then rebooted");
     let st = b.status();
     assert_eq!(st["state"], "rolled_back");
     assert!(
@@ -504,4 +522,214 @@ fn kill_9_at_random_moments_never_leaves_a_broken_box() {
         b.releases()
     );
     eprintln!("kills that landed after the switch: {reached_v2} of 24");
+}
+
+#[test]
+fn a_confirmed_release_becomes_the_guard_which_then_confirms_instead_of_serve() {
+    let f = Fleet::new();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("box-updater");
+    let publish = |version: u64| {
+        sample_payload(&f.dir, &format!("v{version}"));
+        let bu = f.dir.mkdir("payload/box-updater");
+        let bin = f.dir.write(
+            "payload/box-updater/box-updater",
+            format!("#!/bin/sh\necho updater of {version}\n"),
+        );
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::copy(
+            repo.join("box-updater-guard.service"),
+            bu.join("box-updater-guard.service"),
+        )
+        .unwrap();
+        let staging = f.dir.mkdir(&format!("staging-{version}"));
+        build_image(
+            &f.dir,
+            &staging,
+            version,
+            &["payload/box-config-daemon", "payload/box-updater"],
+            &[],
+        );
+        publish_dir(&staging, &f.updates);
+        f.wait_listed(version);
+    };
+    publish(V1);
+    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
+    ok(&b.run(&["update"]));
+    let guard = b.root.join("var/lib/box-updater/guard/box-updater");
+    assert!(
+        !guard.exists(),
+        "nothing is the guard before a confirmation"
+    );
+    ok(&b.run(&["confirm"]));
+    assert_eq!(
+        std::fs::read_to_string(&guard).unwrap(),
+        format!("#!/bin/sh\necho updater of {V1}\n")
+    );
+    let units = b.root.join("etc/systemd/system");
+    assert!(units.join("box-updater-guard.service").is_file());
+    assert_eq!(b.status()["confirmed"], V1);
+
+    // The next release is switched to, but not confirmed by serve: that is the guard's job.
+    publish(V2);
+    ok(&b.run(&["update"]));
+    assert_eq!(b.current_version(), Some(V2));
+    {
+        let port = free_port();
+        let _web = crate::web_api::start_serve(&b, port, &[]);
+        let st: serde_json::Value =
+            serde_json::from_str(&http_get(port, "/box_update/status").2).unwrap();
+        assert_eq!(st["pending"]["new"], V2, "{st}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(&guard).unwrap(),
+        format!("#!/bin/sh\necho updater of {V1}\n"),
+        "the guard is still the confirmed release's"
+    );
+    // The guard's confirm makes the new release's updater the guard.
+    ok(&b.run(&["confirm"]));
+    assert_eq!(
+        std::fs::read_to_string(&guard).unwrap(),
+        format!("#!/bin/sh\necho updater of {V2}\n")
+    );
+    assert_eq!(b.status()["confirmed"], V2);
+}
+
+#[test]
+fn a_release_installed_without_box_updater_is_checked_and_adopted_by_confirm() {
+    let f = Fleet::new();
+    f.publish(V1, &[]);
+    f.wait_listed(V1);
+    let b = BoxUnderTest::new(&f.dir, "box", &f.url());
+    ok(&b.run(&["update"]));
+    ok(&b.run(&["confirm"]));
+    // As if the old shell updater had put V2 in place: current switched, nothing recorded.
+    std::fs::rename(
+        b.root
+            .join("opt/opq/releases")
+            .join(format!("opq-box-update-{V1}")),
+        b.root
+            .join("opt/opq/releases")
+            .join(format!("opq-box-update-{V2}")),
+    )
+    .unwrap();
+    std::fs::remove_file(b.root.join("opt/opq/current")).unwrap();
+    std::os::unix::fs::symlink(
+        format!("releases/opq-box-update-{V2}"),
+        b.root.join("opt/opq/current"),
+    )
+    .unwrap();
+    // Not healthy: reported, and with nothing to roll back to, no reboot.
+    let reboots = b.reboot_count();
+    let o = b.run(&["confirm", "--health-check", "exit 1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no previous release"), "{}", stderr(&o));
+    assert_eq!(b.reboot_count(), reboots);
+    assert_eq!(b.current_version(), Some(V2));
+    // Healthy: adopted as the confirmed release.
+    ok(&b.run(&["confirm", "--health-check", "true"]));
+    let st = b.status();
+    assert_eq!(st["confirmed"], V2);
+    let msg = st["last_result"]["message"].as_str().unwrap();
+    assert!(msg.contains("installed without box-updater"), "{msg}");
+    // Confirmed: a later boot has nothing to check.
+    let history = b.status()["history"].as_array().unwrap().len();
+    ok(&b.run(&["confirm", "--health-check", "exit 1"]));
+    assert_eq!(b.status()["history"].as_array().unwrap().len(), history);
+}
+
+/// V2 of the sample payload changes the config daemon's unit and adds one of its own.
+fn publish_v2_with_new_units(f: &Fleet, version: u64, extra: &[&str]) -> (String, String) {
+    sample_payload(&f.dir, &format!("v{version}"));
+    let changed = "[Unit]\nDescription=OPQ box config daemon, v2\n[Service]\nExecStart=/opt/opq/current/box-config-daemon/run.sh --v2\n[Install]\nWantedBy=multi-user.target\n";
+    let added = "[Unit]\nDescription=a service new in v2\n[Service]\nExecStart=/opt/opq/current/box-extra/run.sh\n[Install]\nWantedBy=multi-user.target\n";
+    f.dir.write(
+        "payload/box-config-daemon/box-config-daemon.service",
+        changed,
+    );
+    f.dir.write("payload/box-extra/box-extra.service", added);
+    let staging = f.dir.mkdir(&format!("staging-{version}"));
+    build_image(
+        &f.dir,
+        &staging,
+        version,
+        &["payload/box-config-daemon", "payload/box-extra"],
+        extra,
+    );
+    publish_dir(&staging, &f.updates);
+    f.wait_listed(version);
+    (changed.to_string(), added.to_string())
+}
+
+fn assert_units_of_v1(b: &BoxUnderTest, v1_unit: &str) {
+    let units = b.root.join("etc/systemd/system");
+    assert_eq!(
+        std::fs::read_to_string(units.join("box-config-daemon.service")).unwrap(),
+        v1_unit,
+        "the changed unit is back as v1 had it"
+    );
+    assert!(
+        !units.join("box-extra.service").exists(),
+        "the unit v2 added is gone"
+    );
+    assert!(
+        !units
+            .join("multi-user.target.wants/box-extra.service")
+            .is_symlink(),
+        "and no longer enabled"
+    );
+    assert!(
+        units
+            .join("multi-user.target.wants/box-config-daemon.service")
+            .is_symlink()
+    );
+}
+
+#[test]
+fn a_rolled_back_release_takes_the_units_it_added_or_changed_with_it() {
+    let f = Fleet::new();
+    let b = f.box_running(V1);
+    let units = b.root.join("etc/systemd/system");
+    let v1_unit = std::fs::read_to_string(units.join("box-config-daemon.service")).unwrap();
+    let (changed, added) = publish_v2_with_new_units(&f, V2, &[]);
+    ok(&b.run(&["update"]));
+    assert_eq!(
+        std::fs::read_to_string(units.join("box-config-daemon.service")).unwrap(),
+        changed
+    );
+    assert_eq!(
+        std::fs::read_to_string(units.join("box-extra.service")).unwrap(),
+        added
+    );
+    let o = b.run(&["confirm", "--max-boots", "1", "--health-check", "exit 1"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(b.current_version(), Some(V1));
+    assert_units_of_v1(&b, &v1_unit);
+    let log = std::fs::read_to_string(b.root.join("var/log/opq/box_update.log")).unwrap();
+    assert!(
+        log.contains("put back box-config-daemon.service, removed box-extra.service"),
+        "{log}"
+    );
+}
+
+#[test]
+fn a_failed_install_script_takes_the_units_it_installed_with_it() {
+    let f = Fleet::new();
+    let b = f.box_running(V1);
+    let v1_unit =
+        std::fs::read_to_string(b.root.join("etc/systemd/system/box-config-daemon.service"))
+            .unwrap();
+    let script = f.dir.write(
+        "units_then_fail.sh",
+        "#!/bin/sh\nset -e\nfor u in */*.service; do cp \"$u\" \"$BOX_ROOT/etc/systemd/system/\"; done\n\
+         ln -sfn /etc/systemd/system/box-extra.service \"$BOX_ROOT/etc/systemd/system/multi-user.target.wants/\"\n\
+         echo 'failing after the units' >&2\nexit 4\n",
+    );
+    publish_v2_with_new_units(&f, V2, &["--install-script", script.to_str().unwrap()]);
+    let o = b.run(&["update"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("exit code 4"), "{}", stderr(&o));
+    assert_eq!(b.current_version(), Some(V1));
+    assert_eq!(b.releases(), vec![format!("opq-box-update-{V1}")]);
+    assert_units_of_v1(&b, &v1_unit);
 }

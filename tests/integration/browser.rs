@@ -307,3 +307,138 @@ fn the_owner_updates_the_box_from_the_page_in_chromium() {
         .count();
     assert!(shots >= 10, "a screenshot of each state: {shots}");
 }
+
+#[test]
+fn the_operator_sees_the_fleet_in_chromium() {
+    let (chromium, script_dir) = browser_tools();
+    let artifacts = repo().join("artifacts/browser-fleet");
+    if artifacts.exists() {
+        std::fs::remove_dir_all(&artifacts).unwrap();
+    }
+    std::fs::create_dir_all(&artifacts).unwrap();
+    const TOKEN: &str = "fleet-operator-1";
+    const V1: u64 = 1_700_000_401;
+    const V2: u64 = 1_700_000_402;
+
+    let d = Dir::new();
+    let updates = d.mkdir("updates");
+    sample_payload(&d, "fleet");
+    for v in [V1, V2] {
+        let out = d.mkdir(&format!("s-{v}"));
+        build_image(&d, &out, v, &["payload/box-config-daemon"], &[]);
+        publish_dir(&out, &updates);
+    }
+    let server = start_update_server_logged(
+        &updates,
+        &["--fleet-token", TOKEN],
+        &[],
+        &d.join("server.log"),
+    );
+    // V2 goes to everyone, and halts at its first failure.
+    let o = run(cmd(UPDATE_SERVER)
+        .args(["rollout", &V2.to_string(), "--percent", "100"])
+        .args(["--halt-after", "1", "--halt-share", "1", "--dir"])
+        .arg(&updates)
+        .env_remove("BOX_UPDATE_SERVER_SETTINGS"));
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // The fleet: boxes that committed V1, failed and rolled back V2, one whose message is
+    // markup, and an old box whose user agent is.
+    let report = |id: &str, outcome: &str, target: u64, message: &str| {
+        let body = serde_json::json!({
+            "v": 1, "box_id": id, "outcome": outcome, "target_version": target,
+            "running_version": V1, "previous_version": V1, "message": message,
+            "durations_ms": {"downloading": 2100, "installing": 900, "rebooting": 41000},
+        })
+        .to_string();
+        let v1 = V1.to_string();
+        let (status, _, text) = http_send(
+            server.port,
+            "POST",
+            "/report",
+            &[
+                ("Content-Type", "application/json"),
+                ("X-OPQ-Box-Id", id),
+                ("X-OPQ-Box-Version", &v1),
+                ("X-OPQ-Box-State", outcome),
+                ("User-Agent", "box-updater/0.1.0 (opq-box)"),
+            ],
+            body.as_bytes(),
+        );
+        assert_eq!(status, 202, "{text}");
+    };
+    for i in 1..=5 {
+        report(
+            &format!("pq-{i}"),
+            "committed",
+            V1,
+            &format!("version {V1} is confirmed"),
+        );
+    }
+    report(
+        "pq-7",
+        "failed",
+        V2,
+        "update failed while installing: install_update.sh failed with exit code 7",
+    );
+    report(
+        "pq-8",
+        "rolled_back",
+        V2,
+        &format!("rolled back to version {V1}: version {V2} is not healthy"),
+    );
+    report("pq-bold", "committed", V1, "<b>not bold</b>");
+    sh(
+        d.path(),
+        &format!(
+            "wget -q -U '<img src=x onerror=alert(1)> Wget/1.21' -O /dev/null http://127.0.0.1:{}/latest",
+            server.port
+        ),
+    );
+    let boxes = 5 + 3 + 1;
+    // The halt is decided by the server's fleet thread within a second or two.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let auth = format!("Bearer {TOKEN}");
+        let (_, _, body) = http_send(
+            server.port,
+            "GET",
+            "/fleet.json",
+            &[("Authorization", &auth)],
+            b"",
+        );
+        if body.contains("\"state\":\"halted\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollout never halted: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let o = cmd("node")
+        .arg(script_dir.join("fleet_view.mjs"))
+        .current_dir(&script_dir)
+        .env("FLEET_URL", server.url("/fleet"))
+        .env("ARTIFACTS_DIR", &artifacts)
+        .env("FLEET_TOKEN", TOKEN)
+        .env("V_HALTED", V2.to_string())
+        .env("BOX_COUNT", boxes.to_string())
+        .env("CHROMIUM", &chromium)
+        .stdin(Stdio::null())
+        .output()
+        .expect("starting node");
+    std::fs::write(
+        artifacts.join("fleet_view.log"),
+        [&o.stdout[..], &o.stderr[..]].concat(),
+    )
+    .unwrap();
+    assert!(
+        o.status.success(),
+        "the fleet page failed in Chromium; screenshots in {}:\n{}{}",
+        artifacts.display(),
+        stdout(&o),
+        stderr(&o)
+    );
+}

@@ -389,3 +389,84 @@ fn default_install_script_is_shellcheck_clean_and_migrates_a_sandbox() {
         .collect();
     assert_eq!(top.len(), 2, "{top:?}");
 }
+
+#[test]
+fn migrating_a_box_with_box_updater_installs_the_guard_and_defuses_the_old_button() {
+    let d = Dir::new();
+    sample_payload(&d, "migrate");
+    let bu = d.mkdir("payload/box-updater");
+    let updater = d.write(
+        "payload/box-updater/box-updater",
+        "#!/bin/sh\necho updater\n",
+    );
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&updater, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("box-updater");
+    for unit in ["box-updater.service", "box-updater-guard.service"] {
+        std::fs::copy(repo.join(unit), bu.join(unit)).unwrap();
+    }
+    let out = d.mkdir("out");
+    build_image(
+        &d,
+        &out,
+        V,
+        &["payload/box-config-daemon", "payload/box-updater"],
+        &[],
+    );
+    sh(&out, "tar xjf *.tar.bz2");
+    let root = d.mkdir("root");
+    // The original page's updater, as on a box that never had box-updater.
+    let old = d.write(
+        "root/usr/local/box-config-daemon/updater/updater.sh",
+        "#!/bin/bash\nwget \"$1/latest\"; tar xf *; sudo ./install_update.sh; sudo reboot\n",
+    );
+    let release = out.join(format!("opq-box-update-{V}"));
+    let migrate = format!("BOX_ROOT={} ./install_update.sh", root.display());
+    let log = sh(&release, &migrate);
+    assert!(log.contains("installed the guard"), "{log}");
+    let guard = root.join("var/lib/box-updater/guard/box-updater");
+    assert_eq!(
+        std::fs::read(&guard).unwrap(),
+        std::fs::read(&updater).unwrap()
+    );
+    let units = root.join("etc/systemd/system");
+    assert!(units.join("box-updater-guard.service").is_file());
+    assert!(
+        units
+            .join("multi-user.target.wants/box-updater-guard.service")
+            .is_symlink()
+    );
+    assert!(
+        units
+            .join("multi-user.target.wants/box-updater.service")
+            .is_symlink()
+    );
+    let shim = std::fs::read_to_string(&old).unwrap();
+    assert!(
+        shim.contains("asks box-updater") && !shim.contains("sudo"),
+        "{shim}"
+    );
+    if sh_ok(d.path(), "command -v shellcheck") {
+        sh(d.path(), &format!("shellcheck -s sh {}", old.display()));
+    }
+    // Run again, as box-updater runs a release's script: the guard is not the release's to touch.
+    std::fs::write(&guard, "the confirmed one").unwrap();
+    std::fs::remove_file(units.join("box-updater-guard.service")).unwrap();
+    sh(
+        &release,
+        &format!(
+            "BOX_ROOT={} BOX_UPDATE_VERSION={V} BOX_UPDATE_RELEASE_DIR=$PWD ./install_update.sh",
+            root.display()
+        ),
+    );
+    assert_eq!(
+        std::fs::read_to_string(&guard).unwrap(),
+        "the confirmed one"
+    );
+    assert!(!units.join("box-updater-guard.service").exists());
+    assert_eq!(
+        std::fs::read_to_string(&old).unwrap(),
+        shim,
+        "the shim stays"
+    );
+}

@@ -8,6 +8,7 @@ mod build_update;
 mod docker;
 mod faults;
 mod first_use;
+mod fleet;
 mod hostile_images;
 mod network_faults;
 mod pi;

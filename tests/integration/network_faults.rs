@@ -31,6 +31,9 @@ enum Fault {
     RedirectElsewhere,
     /// The image body runs past its Content-Length.
     LongerThanLength,
+    /// The first request for /version and for /latest is closed unanswered (seen on the virtual
+    /// box, right after a boot).
+    DropFirstCheck,
 }
 
 struct Proxy {
@@ -57,12 +60,14 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let image_requests = Arc::new(AtomicUsize::new(0));
+        let check_requests = Arc::new(AtomicUsize::new(0));
         let reqs = requests.clone();
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(mut client) = client else { continue };
                 let reqs = reqs.clone();
                 let image_requests = image_requests.clone();
+                let check_requests = check_requests.clone();
                 let other = other_image.clone();
                 std::thread::spawn(move || {
                     let _ = client.set_write_timeout(Some(Duration::from_secs(10)));
@@ -85,7 +90,13 @@ impl Proxy {
                         let _ = client.write_all(head.as_bytes());
                         let _ = client.write_all(body);
                     };
+                    let is_check = line.contains("/version ") || line.contains("/latest ");
                     match fault {
+                        Fault::DropFirstCheck
+                            if is_check
+                                && check_requests
+                                    .fetch_add(1, Ordering::SeqCst)
+                                    .is_multiple_of(2) => {}
                         Fault::RedirectElsewhere if line.contains("/latest") => {
                             let dead = TcpListener::bind("127.0.0.1:0")
                                 .unwrap()
@@ -395,4 +406,21 @@ fn relaying_untouched_works() {
     b.point_at(&format!("http://127.0.0.1:{}", p.port));
     assert_eq!(update(&b, &[]).0, Some(0));
     assert_eq!(b.current_version(), Some(V2));
+}
+
+#[test]
+fn a_check_whose_connection_drops_is_retried() {
+    let (s, b) = setup();
+    let proxy = Proxy::start(s.server.port, Fault::DropFirstCheck, None);
+    b.point_at(&format!("http://127.0.0.1:{}", proxy.port));
+    let (code, err, _) = update(&b, &[]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(err.contains("retry 1 of"), "{err}");
+    assert_eq!(b.current_version(), Some(V2));
+    let asked = proxy.requests.lock().unwrap().clone();
+    let checks = asked
+        .iter()
+        .filter(|r| r.starts_with("GET /version "))
+        .count();
+    assert_eq!(checks, 2, "{asked:?}");
 }

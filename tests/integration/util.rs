@@ -427,6 +427,209 @@ pub fn wait_listed(port: u16, version: u64) {
     }
 }
 
+/// One request over loopback with any method, headers and body: (status, head, body).
+pub fn http_send(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for (n, v) in headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
+}
+
+/// Starts update-server over `dir` on a free port with `extra` flags and `env`, its log in
+/// `log`.
+pub fn start_update_server_logged(
+    dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    log: &Path,
+) -> Running {
+    // A port among the flags is kept (a restart on the same port); else a free one.
+    let given = extra
+        .iter()
+        .position(|a| *a == "--port")
+        .and_then(|i| extra.get(i + 1))
+        .and_then(|p| p.parse().ok());
+    let port = given.unwrap_or_else(free_port);
+    let mut c = cmd(UPDATE_SERVER);
+    c.args(["--bind", "127.0.0.1"]);
+    if given.is_none() {
+        c.args(["--port", &port.to_string()]);
+    }
+    c.args(extra)
+        .arg("--dir")
+        .arg(dir)
+        .env_remove("BOX_UPDATE_SERVER_SETTINGS")
+        .env("RUST_LOG", "info");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .unwrap(),
+        )
+        .spawn()
+        .expect("starting update-server");
+    wait_for_port(port, &mut child);
+    Running { child, port }
+}
+
+/// Stops a server with SIGTERM and waits for it to end (it writes what it holds first).
+pub fn stop_gracefully(mut r: Running) {
+    let pid = nix::unistd::Pid::from_raw(r.child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while r.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the server did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A real PostgreSQL server (Debian's binaries) on a temp directory and a free loopback port,
+/// run as `nobody` when the tests run as root (PostgreSQL refuses root); stopped and removed
+/// when dropped.
+pub struct Postgres {
+    tmp: tempfile::TempDir,
+    bin: PathBuf,
+    pub port: u16,
+}
+
+impl Postgres {
+    fn bin_dir() -> PathBuf {
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .map(|rd| rd.flatten().map(|e| e.path().join("bin")).collect())
+            .unwrap_or_default();
+        found.retain(|p| p.join("initdb").is_file());
+        found.sort();
+        found.pop().unwrap_or_else(|| {
+            panic!(
+                "PostgreSQL is not installed (no /usr/lib/postgresql/*/bin/initdb): scripts/test.sh \
+                 installs the Debian package postgresql"
+            )
+        })
+    }
+
+    /// A command of PostgreSQL's, as the unprivileged owner of the data directory.
+    fn pg(&self, program: &str) -> Command {
+        let exe = self.bin.join(program);
+        let mut c = if nix::unistd::geteuid().is_root() {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+                .arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        };
+        c.env("HOME", self.tmp.path()).current_dir(self.tmp.path());
+        c
+    }
+
+    pub fn start() -> Postgres {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::Builder::new()
+            .prefix("opq-pg-")
+            .tempdir()
+            .unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let nobody = Some(nix::unistd::Uid::from_raw(65534));
+            nix::unistd::chown(tmp.path(), nobody, Some(nix::unistd::Gid::from_raw(65534)))
+                .unwrap();
+        }
+        let pg = Postgres {
+            tmp,
+            bin: Self::bin_dir(),
+            port: free_port(),
+        };
+        let data = pg.tmp.path().join("data");
+        let o = run(pg.pg("initdb").arg("-D").arg(&data).args([
+            "-A",
+            "trust",
+            "-U",
+            "fleet",
+            "--no-locale",
+            "-E",
+            "UTF8",
+            "--no-sync",
+        ]));
+        assert!(
+            o.status.success(),
+            "initdb failed: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        let opts = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c full_page_writes=off",
+            pg.port,
+            pg.tmp.path().display()
+        );
+        let o = run(pg
+            .pg("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .args(["-o", &opts, "-l"])
+            .arg(pg.tmp.path().join("log"))
+            .args(["-w", "-t", "60", "start"]));
+        assert!(
+            o.status.success(),
+            "pg_ctl start failed: {}{}{}",
+            stdout(&o),
+            stderr(&o),
+            std::fs::read_to_string(pg.tmp.path().join("log")).unwrap_or_default()
+        );
+        pg
+    }
+
+    /// The URL of database `postgres` as the superuser `fleet`.
+    pub fn url(&self) -> String {
+        format!("postgres://fleet@127.0.0.1:{}/postgres", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.tmp.path().join("log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let data = self.tmp.path().join("data");
+        let _ = run(self
+            .pg("pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .args(["-m", "fast", "-w", "-t", "30", "stop"]));
+    }
+}
+
 /// Polls `f` until it holds; panics with `what` after `within`. Returns how long it took.
 pub fn eventually(within: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
     let t0 = Instant::now();

@@ -1,10 +1,11 @@
 //! Checking: asks the update server for its newest version and compares it with the installed one.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 
 use super::{Downloading, State, UpToDate};
 use crate::image::Version;
 use crate::updater::engine::Engine;
+use crate::updater::http::FetchError;
 
 #[derive(Debug)]
 pub struct Checking {
@@ -19,19 +20,21 @@ pub struct Offer {
     pub update_available: bool,
 }
 
-/// Asks the server without installing anything (the page's check).
+/// Asks the server without installing anything (the page's check: one try, a quick answer).
 pub fn check(engine: &Engine) -> Result<Offer> {
     let server = engine.updates_ep()?;
+    offer(engine, &server).map_err(|e| engine.unreachable_hint(e, &server))
+}
+
+/// One question to the server: its newest version against the installed one.
+fn offer(engine: &Engine, server: &str) -> Result<Offer, FetchError> {
     let installed = engine.layout().installed_version();
     let url = format!("{server}/version");
-    let answer = engine.http.get_text(&url, 1024);
-    let newest = match answer.map_err(|e| engine.unreachable_hint(e, &server))? {
+    let newest = match engine.http.get_text(&url, 1024)? {
         None => None,
-        Some(text) => Some(
-            text.trim()
-                .parse::<Version>()
-                .with_context(|| format!("{url} did not answer with a version number"))?,
-        ),
+        Some(text) => Some(text.trim().parse::<Version>().map_err(|_| {
+            FetchError::Permanent(format!("{url} did not answer with a version number"))
+        })?),
     };
     Ok(Offer {
         installed,
@@ -43,7 +46,10 @@ pub fn check(engine: &Engine) -> Result<Offer> {
 impl Checking {
     pub fn handle(self, engine: &Engine) -> Result<State> {
         let server = engine.updates_ep()?;
-        let offer = check(engine)?;
+        // A box often checks right after its boot, when the network may drop a first connection.
+        let offer = engine
+            .with_retries("the newest version", || offer(engine, &server))
+            .map_err(|e| engine.unreachable_hint(e, &server))?;
         let Some(newest) = offer.newest else {
             bail!("the update server at {server} has no image yet");
         };
@@ -53,7 +59,8 @@ impl Checking {
                 newest,
             }));
         }
-        let (image, url) = engine.http.resolve_latest(&server)?;
+        let (image, url) =
+            engine.with_retries("the newest image", || engine.http.resolve_latest(&server))?;
         if Some(image.version()) == offer.installed {
             if self.force {
                 bail!(

@@ -1,14 +1,16 @@
-//! Confirming, at the first start after a switch: the new release is committed if its health check
-//! passes; a failing check, or too many boots without a confirmation, rolls it back.
-
-use std::process::Command;
+//! Confirming, at the first boots after a switch (run by the guard, or by `serve` on a box
+//! without one): the boot is counted, then the new release must come up healthy (its units up,
+//! its health check passing, in time). Healthy: committed, and its updater becomes the guard. Not
+//! healthy: the box reboots to try again while it has boots left, then rolls back; more boots
+//! than allowed (the box hung or was reset each time) roll back at once.
 
 use anyhow::Result;
 
-use super::{Committed, RollingBack, State};
+use super::{Committed, Retrying, RollingBack, State};
 use crate::image::ImageName;
 use crate::updater::engine::Engine;
 use crate::updater::status::{Pending, Step};
+use crate::updater::{guard, health};
 
 #[derive(Debug)]
 pub struct Confirming {
@@ -40,6 +42,7 @@ impl Confirming {
                 pp.boots = boots;
             }
         });
+        let max = engine.settings.max_boots;
         let rollback = |reason: String| -> Result<State> {
             match p.previous {
                 Some(prev) => Ok(State::RollingBack(RollingBack {
@@ -55,30 +58,49 @@ impl Confirming {
                 }
             }
         };
-        if boots > engine.settings.max_boots {
+        if boots > max {
             return rollback(format!(
                 "version {} was not confirmed after {} boots",
                 p.new,
                 boots - 1
             ));
         }
-        if let Some(check) = &engine.settings.health_check {
-            let mut cmd = Command::new("sh");
-            cmd.arg("-c").arg(check).current_dir(layout.current_link());
-            if let Err(e) =
-                engine.run_logged("the health check", cmd, engine.settings.health_timeout)
-            {
-                return rollback(format!("version {} is not healthy: {e:#}", p.new));
+        if let Err(why) = health::check(engine, new) {
+            let reason = format!("version {} is not healthy: {why}", p.new);
+            if p.previous.is_some() && boots < max {
+                return Ok(State::Retrying(Retrying {
+                    version: p.new,
+                    boot: boots,
+                    max_boots: max,
+                    reason,
+                }));
             }
+            return rollback(reason);
         }
-        engine.status.update(|s| s.pending = None);
+        engine.status.update(|s| {
+            s.pending = None;
+            s.confirmed = Some(p.new);
+        });
         prune(engine, new, p.previous.map(ImageName));
-        engine.record(
-            Step::Committed,
-            p.previous,
-            Some(p.new),
-            &format!("version {} is confirmed", p.new),
-        );
+        match guard::refresh(layout, &layout.release_dir(new)) {
+            Ok(true) => engine.log.info(&format!(
+                "the guard now runs the updater of version {}",
+                p.new
+            )),
+            Ok(false) => {}
+            Err(e) => engine.log.warn(&format!(
+                "cannot refresh the guard: {e:#}; it keeps the last one"
+            )),
+        }
+        let msg = if p.previous.is_none() && p.switched_at == 0 {
+            format!(
+                "version {} (installed without box-updater) is confirmed",
+                p.new
+            )
+        } else {
+            format!("version {} is confirmed", p.new)
+        };
+        engine.record(Step::Committed, p.previous, Some(p.new), &msg);
         Ok(State::Committed(Committed { version: p.new }))
     }
 }

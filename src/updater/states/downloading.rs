@@ -1,15 +1,13 @@
 //! Downloading: fetches the image's sidecars, then the image into a `.part` file, resuming and
 //! retrying transient failures, hashing as it goes.
 
-use std::time::Duration;
-
 use anyhow::{Result, bail};
 
 use super::{State, Verifying};
 use crate::image::ImageName;
 use crate::signing::{StreamingCheck, StreamingKey};
 use crate::updater::engine::Engine;
-use crate::updater::http::{FetchError, Tap};
+use crate::updater::http::Tap;
 
 #[derive(Debug)]
 pub struct Downloading {
@@ -20,12 +18,12 @@ pub struct Downloading {
 impl Downloading {
     pub fn handle(self, engine: &Engine) -> Result<State> {
         let s = &engine.settings;
-        let sidecar = with_retries(engine, "the .sha256 sidecar", || {
+        let sidecar = engine.with_retries("the .sha256 sidecar", || {
             engine.http.get_text(&format!("{}.sha256", self.url), 4096)
         })?;
         let signature = match &s.public_key {
             None => None,
-            Some(_) => match with_retries(engine, "the signature", || {
+            Some(_) => match engine.with_retries("the signature", || {
                 engine
                     .http
                     .get_text(&format!("{}.minisig", self.url), 16 * 1024)
@@ -51,7 +49,7 @@ impl Downloading {
             _ => None,
         };
         let mut check = SignatureTap(streaming_key.as_ref().map(StreamingKey::start));
-        let (sha256, size) = with_retries(engine, "the image", || {
+        let (sha256, size) = engine.with_retries("the image", || {
             engine.http.download(
                 &self.url,
                 &part,
@@ -102,32 +100,4 @@ impl Tap for SignatureTap<'_> {
             c.update(bytes);
         }
     }
-}
-
-/// Runs `f`, retrying transient failures with exponential backoff, a bounded number of times.
-fn with_retries<T>(
-    engine: &Engine,
-    what: &str,
-    mut f: impl FnMut() -> Result<T, FetchError>,
-) -> Result<T> {
-    let s = &engine.settings;
-    let mut delay = s.retry_delay;
-    for attempt in 0..=s.retries {
-        match f() {
-            Ok(v) => return Ok(v),
-            Err(FetchError::Permanent(m)) => bail!("{m}"),
-            Err(FetchError::Transient(m)) if attempt < s.retries => {
-                engine.log.warn(&format!(
-                    "fetching {what}: {m}; retry {} of {} in {:?}",
-                    attempt + 1,
-                    s.retries,
-                    delay
-                ));
-                std::thread::sleep(delay);
-                delay = (delay * 2).min(Duration::from_secs(60));
-            }
-            Err(FetchError::Transient(m)) => bail!("{m} (gave up after {} retries)", s.retries),
-        }
-    }
-    unreachable!("the last attempt returns")
 }

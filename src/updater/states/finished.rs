@@ -63,7 +63,8 @@ impl Failed {
             .last_result
             .is_some_and(|o| o.result == Step::Failed && o.message.contains(&self.reason));
         if !already {
-            engine.record(Step::Failed, installed, target, &msg);
+            let at = self.step.is_running().then_some(self.step);
+            engine.record_step(Step::Failed, installed, target, &msg, at);
         }
         self
     }

@@ -1,5 +1,6 @@
-//! Installing: runs the new release's `install_update.sh`; if it fails, the new release is dropped
-//! and the box keeps running the old one, with no reboot.
+//! Installing: runs the new release's `install_update.sh`; if it fails, the units it may have
+//! installed are undone, the new release is dropped and the box keeps running the old one, with
+//! no reboot.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,6 +10,7 @@ use anyhow::{Context, Result};
 use super::{State, Switching};
 use crate::image::{INSTALL_SCRIPT, ImageName, Version};
 use crate::updater::engine::Engine;
+use crate::updater::{systemd, units};
 
 #[derive(Debug)]
 pub struct Installing {
@@ -40,6 +42,25 @@ pub fn run_install_script(
     engine.run_logged(INSTALL_SCRIPT, cmd, engine.settings.install_timeout)
 }
 
+/// Undoes what the `dropped` release's install script did to the box's units, as the release
+/// the box keeps (`running`) has them (see `units::undo`), and tells systemd.
+pub fn undo_units(engine: &Engine, dropped: ImageName, running: Option<ImageName>) {
+    let layout = engine.layout();
+    let running = running.map(|r| layout.release_dir(r));
+    let done = units::undo(layout, &layout.release_dir(dropped), running.as_deref());
+    if done.is_empty() {
+        return;
+    }
+    engine.log.info(&format!(
+        "units of version {}: {}",
+        dropped.version(),
+        done.join(", ")
+    ));
+    if let Err(e) = systemd::daemon_reload(&layout.root) {
+        engine.log.warn(&format!("{e}"));
+    }
+}
+
 impl Installing {
     pub fn handle(self, engine: &Engine) -> Result<State> {
         let _ = std::fs::remove_file(&self.download);
@@ -49,6 +70,8 @@ impl Installing {
         let result = run_install_script(engine, self.image, previous);
         crate::updater::fault::point("install:after-script");
         if let Err(e) = result {
+            // The script may have installed some of its units before it failed.
+            undo_units(engine, self.image, layout.current());
             let _ = std::fs::remove_dir_all(layout.release_dir(self.image));
             let running = previous
                 .map(|v| format!("version {v}"))

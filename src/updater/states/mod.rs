@@ -2,7 +2,8 @@
 //! Any error becomes `Failed` with its reason; the caller (CLI or daemon) lives on.
 //!
 //! checking → downloading → verifying → unpacking → installing → switching → rebooting;
-//! after the reboot, confirming → committed, or rolling back → rolled back.
+//! after the reboot, confirming → committed, or retrying (reboot, confirm again), or rolling back
+//! → rolled back.
 
 pub mod checking;
 mod confirming;
@@ -10,6 +11,7 @@ mod downloading;
 mod finished;
 mod installing;
 mod rebooting;
+mod retrying;
 pub mod rolling_back;
 mod switching;
 mod unpacking;
@@ -23,6 +25,7 @@ pub use downloading::Downloading;
 pub use finished::{Committed, Failed, RolledBack, UpToDate};
 pub use installing::Installing;
 pub use rebooting::Rebooting;
+pub use retrying::Retrying;
 pub use rolling_back::RollingBack;
 pub use switching::Switching;
 pub use unpacking::Unpacking;
@@ -48,6 +51,7 @@ pub enum State {
     Switching(Switching),
     Rebooting(Rebooting),
     Confirming(Confirming),
+    Retrying(Retrying),
     RollingBack(RollingBack),
     UpToDate(UpToDate),
     Committed(Committed),
@@ -95,6 +99,8 @@ impl State {
             State::Switching(_) => Step::Switching,
             State::Rebooting(_) => Step::Rebooting,
             State::Confirming(_) => Step::Confirming,
+            // The box reboots to confirm again.
+            State::Retrying(_) => Step::Rebooting,
             State::RollingBack(_) => Step::RollingBack,
             State::UpToDate(_) => Step::UpToDate,
             State::Committed(_) => Step::Committed,
@@ -147,6 +153,7 @@ impl State {
             State::Switching(s) => Some(s.image.version()),
             State::Rebooting(s) => Some(s.image.version()),
             State::Confirming(s) => Some(s.pending.new),
+            State::Retrying(s) => Some(s.version),
             State::RollingBack(s) => Some(s.to.version()),
             _ => None,
         }
@@ -167,6 +174,10 @@ impl State {
             State::Confirming(s) => {
                 format!("confirming version {} after the reboot", s.pending.new)
             }
+            State::Retrying(s) => format!(
+                "{} (boot {} of {}); rebooting to try again",
+                s.reason, s.boot, s.max_boots
+            ),
             State::RollingBack(s) => {
                 format!("rolling back to version {}: {}", s.to.version(), s.reason)
             }
@@ -188,6 +199,7 @@ impl State {
             State::Switching(s) => s.handle(engine),
             State::Rebooting(s) => return s.handle(engine),
             State::Confirming(s) => s.handle(engine),
+            State::Retrying(s) => return s.handle(engine),
             State::RollingBack(s) => return s.handle(engine),
             State::Failed(s) => return (State::Failed(s.handle(engine)), Transition::Stop),
             done @ (State::UpToDate(_) | State::Committed(_) | State::RolledBack(_)) => {

@@ -1,5 +1,6 @@
-//! Rolling back: `current` goes back to the previous release (after checking it is whole), its
-//! install script runs again to restore its units, and the box reboots.
+//! Rolling back: `current` goes back to the previous release (after checking it is whole), the
+//! units of the dropped release are undone, the previous release's install script runs again to
+//! restore its own, and the box reboots.
 
 use anyhow::{Context, Result};
 
@@ -106,10 +107,19 @@ impl RollingBack {
         layout
             .switch_current(self.to)
             .context("switching opt/opq/current back")?;
-        engine.status.update(|s| s.pending = None);
+        // The release rolled back to ran well before (it was confirmed, or it was what ran).
+        engine.status.update(|s| {
+            s.pending = None;
+            s.confirmed = Some(self.to.version());
+        });
         engine
             .log
             .info(&format!("current -> {}", self.to.top_dir()));
+        // The units the dropped release added go, the ones it changed come back as they were;
+        // then the previous release's own install script puts its units in place as before.
+        if let Some(dropped) = self.from {
+            super::installing::undo_units(engine, dropped, Some(self.to));
+        }
         let from = self.from.map(ImageName::version);
         if let Err(e) = super::installing::run_install_script(engine, self.to, from) {
             engine.log.warn(&format!(

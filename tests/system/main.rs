@@ -1,0 +1,184 @@
+//! The system test: the OPQ Box's story on a virtual box (Debian bookworm with systemd under
+//! qemu), run by `scripts/system-test.sh`, which builds the test bed first. Each step prints its
+//! time; the run ends with `N passed, N failed`.
+//!
+//! ```text
+//! system --vm-dir DIR --guest-updater FILE [--arch x86_64|aarch64] [--smp N] [--artifacts DIR] [--boot-only]
+//! ```
+//! `--boot-only` powers a fresh box on once and prints how long it took to boot. Without
+//! `--vm-dir` it does nothing (it is built with the other tests, and nextest asks it for its
+//! tests with `--list`: it has none). `--relay 127.0.0.1 PORT` is how qemu runs this program for
+//! each guest connection to the update server.
+//!
+//! Modules: `vm` (a machine and its boots: qemu, console, power), `disk` (the disks from the
+//! host: e2fsck, debugfs, a release's checksums), `bed` (the update server, keys, images, the
+//! box's pages), `story` (the steps). See tests/system/README.md for building on them.
+
+#[path = "../integration/util.rs"]
+mod util;
+
+mod bed;
+mod disk;
+mod story;
+mod vm;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+
+struct Args {
+    inputs: bed::Inputs,
+    boot_only: bool,
+}
+
+/// `None`: nothing to do here (no `--vm-dir`: a test runner's call).
+fn parse() -> Result<Option<Args>> {
+    let mut arch = vm::Arch::X86_64;
+    let mut vm_dir = None;
+    let mut updater = None;
+    let mut smp = 2;
+    let mut boot_only = false;
+    let mut artifacts = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/artifacts/system"));
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--arch" => arch = vm::Arch::parse(&value()?)?,
+            "--vm-dir" => vm_dir = Some(PathBuf::from(value()?)),
+            "--guest-updater" => updater = Some(PathBuf::from(value()?)),
+            "--artifacts" => artifacts = PathBuf::from(value()?),
+            "--smp" => smp = value()?.parse().context("--smp needs a number")?,
+            "--boot-only" => boot_only = true,
+            // What a test runner passes (nextest's --list, cargo test's filters): no story.
+            _ if vm_dir.is_none() => return Ok(None),
+            other => bail!("unknown argument {other:?}; see tests/system/main.rs"),
+        }
+    }
+    let Some(vm_dir) = vm_dir else {
+        return Ok(None);
+    };
+    Ok(Some(Args {
+        inputs: bed::Inputs {
+            arch,
+            vm_dir,
+            guest_updater: updater.context("--guest-updater is required")?,
+            artifacts: artifacts.join(arch.debian()),
+            smp,
+        },
+        boot_only,
+    }))
+}
+
+fn main() {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some("--relay") {
+        let port = argv.get(3).and_then(|p| p.parse().ok()).unwrap_or(0);
+        if let Err(e) = vm::relay(port) {
+            vm::relay_log(&format!("relay to 127.0.0.1:{port}: {e:#}"));
+            std::process::exit(1);
+        }
+        std::process::exit(0);
+    }
+    let args = match parse() {
+        Ok(Some(a)) => a,
+        Ok(None) => {
+            if !std::env::args().any(|a| a == "--list") {
+                eprintln!(
+                    "system: nothing to do without --vm-dir; scripts/system-test.sh runs the story"
+                );
+            }
+            return;
+        }
+        Err(e) => {
+            eprintln!("system: error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let started = Instant::now();
+    let artifacts = args.inputs.artifacts.clone();
+    let mut bed = match bed::Bed::new(args.inputs) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("system: cannot set up the test bed: {e:#}");
+            println!("0 passed, {} failed", story::STEPS.len() + 1);
+            std::process::exit(1);
+        }
+    };
+    if args.boot_only {
+        let current = bed.power_on();
+        bed.power_cut();
+        match (current, bed.boot_times.first()) {
+            (Ok(_), Some(t)) => println!(
+                "one boot: power-on to the ready line in {t:.1} s (load average {})",
+                load_average()
+            ),
+            (Err(e), _) => {
+                println!("the box did not boot: {e:#}");
+                std::process::exit(1);
+            }
+            (Ok(_), None) => println!("the boot ended before the ready line"),
+        }
+        return;
+    }
+    let (mut passed, mut failed) = (0, 0);
+    let mut broken = false;
+    let total = story::STEPS.len() + 1;
+    let steps = story::STEPS.iter().copied().chain(std::iter::once((
+        "the data disk, checked from the host after a power cut",
+        story::check_disk as fn(&mut bed::Bed) -> Result<String>,
+    )));
+    for (i, (title, step)) in steps.enumerate() {
+        let t = Instant::now();
+        if broken {
+            println!(
+                "[{}/{total}] {title}: not run (an earlier step failed)",
+                i + 1
+            );
+            failed += 1;
+            continue;
+        }
+        match step(&mut bed) {
+            Ok(note) => {
+                passed += 1;
+                println!(
+                    "[{}/{total}] {title}: passed in {:.1} s ({note})",
+                    i + 1,
+                    t.elapsed().as_secs_f64()
+                );
+            }
+            Err(e) => {
+                failed += 1;
+                broken = true;
+                println!(
+                    "[{}/{total}] {title}: FAILED after {:.1} s: {e:#}",
+                    i + 1,
+                    t.elapsed().as_secs_f64()
+                );
+            }
+        }
+    }
+    bed.power_cut();
+    let boots = &bed.boot_times;
+    if !boots.is_empty() {
+        let mean = boots.iter().sum::<f64>() / boots.len() as f64;
+        let min = boots.iter().cloned().fold(f64::MAX, f64::min);
+        println!(
+            "{} boots: power-on to the ready line {min:.1} s at best, {mean:.1} s on average; whole story {:.1} s (load average {}); console logs in {}",
+            boots.len(),
+            started.elapsed().as_secs_f64(),
+            load_average(),
+            artifacts.display()
+        );
+    }
+    println!("{passed} passed, {failed} failed");
+    drop(bed);
+    std::process::exit(if failed == 0 { 0 } else { 1 });
+}
+
+/// The host's load averages (1, 5, 15 min), for the figures: emulation slows down with them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
