@@ -141,14 +141,21 @@ fn parse_public_key_text(text: &str) -> Result<PublicKey> {
 /// Checks that `sig_text` is a valid signature of the image file at `path` by `pk`, and that its
 /// trusted comment names exactly this image and version, so a signature can't be moved.
 pub fn verify_image(pk: &PublicKey, path: &Path, sig_text: &str, image: ImageName) -> Result<()> {
-    let parse = || SignatureBox::from_string(sig_text);
-    let sig = match std::panic::catch_unwind(parse) {
-        Ok(Ok(sig)) => sig,
-        _ => bail!("the .minisig of {image} is not a minisign signature"),
-    };
+    let sig = parse_signature(sig_text, image)?;
     let file = File::open(path).with_context(|| format!("reading {}", path.display()))?;
     minisign::verify(pk, &sig, std::io::BufReader::new(file), true, false, false)
         .map_err(|e| anyhow::anyhow!("the signature of {image} does not verify: {e}"))?;
+    check_trusted_comment(&sig, image)
+}
+
+fn parse_signature(sig_text: &str, image: ImageName) -> Result<SignatureBox> {
+    match std::panic::catch_unwind(|| SignatureBox::from_string(sig_text)) {
+        Ok(Ok(sig)) => Ok(sig),
+        _ => bail!("the .minisig of {image} is not a minisign signature"),
+    }
+}
+
+fn check_trusted_comment(sig: &SignatureBox, image: ImageName) -> Result<()> {
     let comment = sig.trusted_comment().map_err(|e| anyhow::anyhow!("{e}"))?;
     let want = trusted_comment(image);
     if comment != want {
@@ -157,6 +164,74 @@ pub fn verify_image(pk: &PublicKey, path: &Path, sig_text: &str, image: ImageNam
         );
     }
     Ok(())
+}
+
+/// A signature and its key, parsed for checking an image while its bytes stream past (during the
+/// download), so that the file is not read a second time for the signature's BLAKE2b prehash.
+pub struct StreamingKey {
+    pk: minisign_verify::PublicKey,
+    sig: minisign_verify::Signature,
+}
+
+impl StreamingKey {
+    /// `None` when the signature can't be checked this way (a legacy signature, a malformed
+    /// one): `verify_image` then reads the file and says what is wrong.
+    pub fn new(pk: &PublicKey, sig_text: &str) -> Option<Self> {
+        let parsed = std::panic::catch_unwind(|| {
+            let pk = minisign_verify::PublicKey::from_base64(&pk.to_base64()).ok()?;
+            let sig = minisign_verify::Signature::decode(sig_text).ok()?;
+            pk.verify_stream(&sig).ok()?;
+            Some(StreamingKey { pk, sig })
+        });
+        parsed.ok().flatten()
+    }
+
+    pub fn start(&self) -> StreamingCheck<'_> {
+        let fresh = self
+            .pk
+            .verify_stream(&self.sig)
+            .expect("checked in StreamingKey::new");
+        StreamingCheck {
+            now: fresh.clone(),
+            fresh,
+        }
+    }
+}
+
+/// The running prehash of the bytes seen so far.
+pub struct StreamingCheck<'a> {
+    fresh: minisign_verify::StreamVerifier<'a>,
+    now: minisign_verify::StreamVerifier<'a>,
+}
+
+impl StreamingCheck<'_> {
+    /// Forgets what was seen: the bytes start again from the first.
+    pub fn restart(&mut self) {
+        self.now = self.fresh.clone();
+    }
+
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.now.update(bytes);
+    }
+
+    /// Whether the signature verifies over the bytes seen; the error is for `finish_streamed`.
+    pub fn finish(mut self) -> Result<(), String> {
+        self.now.finalize().map_err(|e| e.to_string())
+    }
+}
+
+/// `verify_image` for an image whose bytes were checked as they streamed past: `verdict` is what
+/// `StreamingCheck::finish` said over exactly the bytes of the file.
+pub fn verify_streamed(
+    verdict: &Result<(), String>,
+    sig_text: &str,
+    image: ImageName,
+) -> Result<()> {
+    let sig = parse_signature(sig_text, image)?;
+    if let Err(e) = verdict {
+        bail!("the signature of {image} does not verify: {e}");
+    }
+    check_trusted_comment(&sig, image)
 }
 
 #[cfg(test)]
@@ -191,6 +266,7 @@ mod tests {
         assert!(moved.contains("another image"), "{moved}");
         std::fs::write(&img, b"image bytez").unwrap();
         assert!(verify_image(&pk, &img, &sig, one).is_err());
+        std::fs::write(&img, b"image bytes").unwrap();
         assert!(verify_image(&pk, &img, "garbage", one).is_err());
 
         let inline = std::fs::read_to_string(&pkp)
@@ -200,6 +276,59 @@ mod tests {
             .unwrap()
             .to_string();
         load_public_key(&inline).unwrap();
+    }
+
+    /// The check made while downloading agrees with the one that reads the file, on a good
+    /// image, a tampered one, one seen twice after a restart, and a signature moved over.
+    #[test]
+    fn streamed_check_agrees_with_reading_the_file() {
+        let d = tempfile::tempdir().unwrap();
+        let (skp, pkp) = (d.path().join("k.key"), d.path().join("k.pub"));
+        generate_keypair(&skp, &pkp).unwrap();
+        let sk = load_secret_key(&skp).unwrap();
+        let pk = load_public_key(pkp.to_str().unwrap()).unwrap();
+        let img = d.path().join("img");
+        let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&img, &bytes).unwrap();
+        let one = ImageName(Version::new(1).unwrap());
+        let two = ImageName(Version::new(2).unwrap());
+        let sig = sign_image(&sk, &img, one).unwrap();
+        let key = StreamingKey::new(&pk, &sig).expect("a current minisign signature");
+        let streamed = |data: &[u8], restart_after: Option<usize>| {
+            let mut c = key.start();
+            if let Some(k) = restart_after {
+                c.update(&data[..k]);
+                c.update(b"bytes of an abandoned attempt");
+                c.restart();
+            }
+            for piece in data.chunks(65_536) {
+                c.update(piece);
+            }
+            c.finish()
+        };
+        verify_streamed(&streamed(&bytes, None), &sig, one).unwrap();
+        verify_streamed(&streamed(&bytes, Some(1000)), &sig, one).unwrap();
+        let moved = verify_streamed(&streamed(&bytes, None), &sig, two).unwrap_err();
+        assert!(moved.to_string().contains("another image"), "{moved}");
+
+        let mut tampered = bytes.clone();
+        tampered[123_456] ^= 1;
+        let e = verify_streamed(&streamed(&tampered, None), &sig, one).unwrap_err();
+        assert!(e.to_string().contains("does not verify"), "{e}");
+        std::fs::write(&img, &tampered).unwrap();
+        assert!(verify_image(&pk, &img, &sig, one).is_err());
+        assert!(streamed(&bytes[..bytes.len() - 1], None).is_err());
+
+        assert!(StreamingKey::new(&pk, "garbage").is_none());
+        let (sk2, pk2) = (d.path().join("2.key"), d.path().join("2.pub"));
+        generate_keypair(&sk2, &pk2).unwrap();
+        let other = load_public_key(pk2.to_str().unwrap()).unwrap();
+        assert!(
+            StreamingKey::new(&other, &sig).is_none(),
+            "another key's signature is left to verify_image, which says it does not verify"
+        );
+        let e = verify_image(&other, &img, &sig, one).unwrap_err();
+        assert!(e.to_string().contains("does not verify"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Image archives: reproducible tar writing, parallel bzip2, and safe unpacking.
 
+pub mod bunzip;
 pub mod pbunzip;
 pub mod pbzip;
 pub mod unpack;

@@ -15,6 +15,8 @@ use std::thread::JoinHandle;
 
 use bzip2::read::MultiBzDecoder;
 
+use crate::archive::bunzip::{self, Decoder};
+
 /// A stream longer than this (compressed) is not one of ours: decode it sequentially instead.
 const MAX_PIECE: usize = 2 << 20;
 /// A stream that inflates past this is decoded sequentially, to keep memory bounded.
@@ -39,6 +41,9 @@ enum Piece {
 }
 
 type Job = (u64, u64, Vec<u8>);
+/// Buffers of decoded pieces the reader is done with, for the decoders to fill again: each piece
+/// would otherwise be a fresh megabyte of pages for the kernel to fault in and zero.
+type Pool = Arc<Mutex<Vec<Vec<u8>>>>;
 
 /// A `Read` of the decompressed content of a bzip2 file, decoded on `threads` cores.
 pub struct ParallelBzReader {
@@ -47,6 +52,8 @@ pub struct ParallelBzReader {
     pending: BTreeMap<u64, Piece>,
     next: u64,
     current: io::Cursor<Vec<u8>>,
+    pool: Pool,
+    pool_max: usize,
     sequential: Option<MultiBzDecoder<BufReader<Counted>>>,
     /// Compressed bytes of the file behind what has been read so far.
     consumed: Arc<AtomicU64>,
@@ -67,17 +74,22 @@ impl ParallelBzReader {
         }
         file.seek(SeekFrom::Start(0))?;
         let threads_n = threads.max(1);
+        // Pieces in memory at once: one queued and one decoding per thread, compressed; one
+        // decoding, one queued per thread and the one being read, decoded. The reader (tar,
+        // hashing, writing) is faster than the decoders, so deeper queues only cost memory.
         let (job_tx, job_rx) = sync_channel::<Job>(threads_n);
-        let (res_tx, res_rx) = sync_channel::<(u64, Piece)>(threads_n * 2);
+        let (res_tx, res_rx) = sync_channel::<(u64, Piece)>(threads_n);
         let job_rx = Arc::new(Mutex::new(job_rx));
+        let pool: Pool = Arc::new(Mutex::new(Vec::new()));
         let mut handles = Vec::new();
         for i in 0..threads_n {
             let job_rx = Arc::clone(&job_rx);
             let res_tx = res_tx.clone();
+            let pool = Arc::clone(&pool);
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("bunzip2-{i}"))
-                    .spawn(move || decode_worker(job_rx, res_tx))?,
+                    .spawn(move || decode_worker(job_rx, res_tx, pool))?,
             );
         }
         handles.push(
@@ -91,6 +103,8 @@ impl ParallelBzReader {
             pending: BTreeMap::new(),
             next: 0,
             current: io::Cursor::new(Vec::new()),
+            pool,
+            pool_max: threads_n * 2 + 1,
             sequential: None,
             consumed: Arc::new(AtomicU64::new(0)),
             done: false,
@@ -111,7 +125,14 @@ impl ParallelBzReader {
                 self.next += 1;
                 match piece {
                     Piece::Data(data, end) => {
-                        self.current = io::Cursor::new(data?);
+                        let spent = std::mem::replace(&mut self.current, io::Cursor::new(data?));
+                        let spent = spent.into_inner();
+                        if let Ok(mut pool) = self.pool.lock()
+                            && pool.len() < self.pool_max
+                            && spent.capacity() > 0
+                        {
+                            pool.push(spent);
+                        }
                         self.consumed.store(end, Ordering::Relaxed);
                         return Ok(true);
                     }
@@ -248,14 +269,20 @@ fn scan(file: File, jobs: SyncSender<Job>, results: SyncSender<(u64, Piece)>) {
     }
 }
 
-fn decode_worker(jobs: Arc<Mutex<Receiver<Job>>>, results: SyncSender<(u64, Piece)>) {
+fn decode_worker(jobs: Arc<Mutex<Receiver<Job>>>, results: SyncSender<(u64, Piece)>, pool: Pool) {
+    let mut decoder = Decoder::new();
     loop {
         let job = jobs.lock().map(|rx| rx.recv());
         let Ok(Ok((seq, offset, piece))) = job else {
             return;
         };
         let end = offset + piece.len() as u64;
-        let out = match decode_one(&piece) {
+        let buf = pool
+            .lock()
+            .ok()
+            .and_then(|mut p| p.pop())
+            .unwrap_or_default();
+        let out = match decode_one(&mut decoder, &piece, buf) {
             Some(r) => Piece::Data(r, end),
             None => Piece::SequentialFrom(offset),
         };
@@ -265,22 +292,43 @@ fn decode_worker(jobs: Arc<Mutex<Receiver<Job>>>, results: SyncSender<(u64, Piec
     }
 }
 
-/// Decodes one whole stream; `None` when it inflates too far to hold in memory.
-fn decode_one(piece: &[u8]) -> Option<io::Result<Vec<u8>>> {
-    let mut dec = bzip2::bufread::BzDecoder::new(piece);
-    let mut out = Vec::with_capacity(piece.len() * 4);
+/// Decodes one piece: a whole stream, or several when the scan could not see where the next
+/// began (an empty stream has no block magic to find); `None` when it inflates too far to hold in
+/// memory.
+fn decode_one(
+    decoder: &mut Decoder,
+    piece: &[u8],
+    mut out: Vec<u8>,
+) -> Option<io::Result<Vec<u8>>> {
+    out.clear();
+    out.reserve((piece.len() * 8).clamp(64 << 10, 1 << 20));
+    let mut at = 0;
+    while at < piece.len() {
+        match decoder.decode_stream(&piece[at..], &mut out, MAX_PIECE_OUT as usize) {
+            Ok(used) => at += used,
+            Err(bunzip::Error::TooLarge) => return None,
+            Err(bunzip::Error::Unsupported) => return decode_one_libbz2(piece),
+            Err(bunzip::Error::Corrupt(_)) if at > 0 && !piece[at..].starts_with(b"BZh") => {
+                return Some(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "bzip2 data is corrupt: garbage after the end of a stream",
+                )));
+            }
+            Err(e) => return Some(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
+        }
+    }
+    Some(Ok(out))
+}
+
+/// The same with libbz2, for the obsolete forms the fast decoder leaves out.
+fn decode_one_libbz2(piece: &[u8]) -> Option<io::Result<Vec<u8>>> {
+    let mut dec = bzip2::bufread::MultiBzDecoder::new(piece);
+    let mut out = Vec::new();
     if let Err(e) = (&mut dec).take(MAX_PIECE_OUT + 1).read_to_end(&mut out) {
         return Some(Err(e));
     }
     if out.len() as u64 > MAX_PIECE_OUT {
         return None;
-    }
-    if !dec.into_inner().is_empty() {
-        // A stream start inside compressed data, or garbage after a stream.
-        return Some(Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "bzip2 stream has trailing bytes",
-        )));
     }
     Some(Ok(out))
 }
@@ -336,6 +384,60 @@ mod tests {
         assert_eq!(decode_file(&bytes, 2).unwrap().len(), 80 << 20);
     }
 
+    fn libbz2(data: &[u8], level: u32) -> Vec<u8> {
+        let mut enc = bzip2::write::BzEncoder::new(Vec::new(), bzip2::Compression::new(level));
+        enc.write_all(data).unwrap();
+        enc.finish().unwrap()
+    }
+
+    /// Streams of several blocks each (level 1 cuts blocks at 100 kB), of differing levels, an
+    /// empty stream among them: decoded in parallel, in order, byte for byte.
+    #[test]
+    fn multiblock_streams_of_mixed_levels_decode_in_order() {
+        let parts: Vec<Vec<u8>> = (0..7).map(|i| data(150_000 + i * 61_001)).collect();
+        let mut bytes = Vec::new();
+        let mut want = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            let level = [1, 9, 2, 1, 5, 3, 9][i];
+            let p = if i == 3 { &[][..] } else { &p[..] };
+            bytes.extend_from_slice(&libbz2(p, level));
+            want.extend_from_slice(p);
+        }
+        for threads in [1, 2, 3] {
+            assert!(
+                decode_file(&bytes, threads).unwrap() == want,
+                "{threads} threads"
+            );
+        }
+    }
+
+    /// A bit flipped in the block of a middle stream is an error naming the damage, whichever
+    /// thread decodes it; what came before it is read, nothing after it.
+    #[test]
+    fn damage_in_a_middle_stream_is_an_error() {
+        let input = data(CHUNK * 4);
+        let mut w = ParallelBzWriter::new(Vec::new(), 2);
+        w.write_all(&input).unwrap();
+        let bytes = w.finish().unwrap();
+        let starts: Vec<usize> = (0..bytes.len() - MAGIC_LEN)
+            .filter(|&i| is_stream_start(&bytes[i..]))
+            .collect();
+        assert_eq!(starts.len(), 4);
+        for at in [starts[2] + 40, (starts[2] + starts[3]) / 2, starts[3] - 12] {
+            let mut bad = bytes.clone();
+            bad[at] ^= 0x10;
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path().join("f.bz2");
+            std::fs::write(&p, &bad).unwrap();
+            let mut r = ParallelBzReader::open(&p, 2).unwrap();
+            let mut out = Vec::new();
+            let err = r.read_to_end(&mut out).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+            assert!(err.to_string().contains("bzip2"), "{err}");
+            assert!(out.len() <= CHUNK * 2 && input.starts_with(&out), "at {at}");
+        }
+    }
+
     #[test]
     fn garbage_and_truncation_are_errors() {
         assert!(decode_file(b"<html>not an image</html>", 2).is_err());
@@ -346,5 +448,9 @@ mod tests {
         let mut flipped = bytes.clone();
         flipped[bytes.len() / 3] ^= 0x40;
         assert!(decode_file(&flipped, 2).is_err());
+        let mut trailing = bytes.clone();
+        trailing.extend_from_slice(b"\n<html>appended by a proxy</html>\n");
+        let err = decode_file(&trailing, 2).unwrap_err();
+        assert!(err.to_string().contains("garbage after"), "{err}");
     }
 }

@@ -221,13 +221,15 @@ impl Http {
     }
 
     /// Downloads `url` into `part`, resuming what is there when the server and file allow it.
-    /// `on_progress` hears (bytes done, total if known). Returns the sha256 and size of the file.
+    /// `on_progress` hears (bytes done, total if known); `tap` hears the file's bytes, from the
+    /// first. Returns the sha256 and size of the file.
     pub fn download(
         &self,
         url: &str,
         part: &Path,
         max_size: u64,
         on_progress: &mut dyn FnMut(u64, Option<u64>),
+        tap: &mut dyn Tap,
         log: &dyn Fn(&str),
     ) -> Result<(String, u64), FetchError> {
         let meta_path = meta_path(part);
@@ -241,12 +243,13 @@ impl Http {
             _ => 0,
         };
         let mut hasher = Sha256::new();
+        tap.restart();
         if offset > 0 {
             // Resume: the hash must cover what is already on disk.
             let f = File::open(part)
                 .map_err(|e| FetchError::Transient(format!("reading {}: {e}", part.display())))?;
             let mut r = f.take(offset);
-            io::copy(&mut r, &mut HashSink(&mut hasher))
+            io::copy(&mut r, &mut HashSink(&mut hasher, &mut *tap))
                 .map_err(|e| FetchError::Transient(format!("reading {}: {e}", part.display())))?;
         }
         let mut resp = self.get(&self.agent, url, (offset > 0).then_some(offset))?;
@@ -263,6 +266,7 @@ impl Http {
                 }
                 offset = 0;
                 hasher = Sha256::new();
+                tap.restart();
                 resp.body().content_length()
             }
             206 => {
@@ -367,6 +371,7 @@ impl Http {
                 )));
             }
             hasher.update(&buf[..n]);
+            tap.update(&buf[..n]);
             done += n as u64;
             crate::updater::fault::point_at("download", done);
             on_progress(done, total);
@@ -384,10 +389,24 @@ impl Http {
     }
 }
 
-struct HashSink<'a>(&'a mut Sha256);
+/// Hears every byte of a downloaded file in order from the first, to check it on the way: a resumed
+/// download's bytes already on disk come first; `restart` says the bytes start over.
+pub trait Tap {
+    fn restart(&mut self);
+    fn update(&mut self, bytes: &[u8]);
+}
+
+/// No tap.
+impl Tap for () {
+    fn restart(&mut self) {}
+    fn update(&mut self, _: &[u8]) {}
+}
+
+struct HashSink<'a>(&'a mut Sha256, &'a mut dyn Tap);
 impl Write for HashSink<'_> {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         self.0.update(b);
+        self.1.update(b);
         Ok(b.len())
     }
     fn flush(&mut self) -> io::Result<()> {

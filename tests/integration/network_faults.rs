@@ -204,7 +204,16 @@ fn setup() -> (Setup, BoxUnderTest) {
     drop(s1);
     let updates = dir.mkdir("updates");
     let staging = dir.mkdir("staging");
-    let image = build_image(&dir, &staging, V2, &["payload/box-config-daemon"], &[]);
+    // Signed, and every update() checks the signature: its prehash is taken as the bytes arrive,
+    // so each resume and restart below must feed it exactly the file's bytes.
+    keygen(&dir, "k");
+    let image = build_image(
+        &dir,
+        &staging,
+        V2,
+        &["payload/box-config-daemon"],
+        &["--sign-key", "k.key"],
+    );
     let v2_image = std::fs::read(&image).unwrap();
     publish_dir(&staging, &updates);
     let server = start_update_server(&updates);
@@ -221,7 +230,15 @@ fn setup() -> (Setup, BoxUnderTest) {
 /// Runs `update` and returns (exit code, stderr, seconds taken); the run must end in time.
 fn update(b: &BoxUnderTest, extra: &[&str]) -> (Option<i32>, String, f64) {
     let t = Instant::now();
-    let mut args = vec!["update", "--network-timeout", "2"];
+    // Setup's directory holds the box (box/root) and the key (k.pub).
+    let key = b.root.join("../../k.pub");
+    let mut args = vec![
+        "update",
+        "--network-timeout",
+        "2",
+        "--public-key",
+        key.to_str().unwrap(),
+    ];
     args.extend_from_slice(extra);
     let o = b.run(&args);
     (
@@ -272,6 +289,12 @@ fn reset_mid_body_is_retried_and_resumed() {
         reqs.iter()
             .any(|r| r.to_ascii_lowercase().contains("range: bytes=")),
         "the retry resumed"
+    );
+    // The signature's prehash went on over the resumed bytes; the file was not read again.
+    let log = std::fs::read_to_string(b.root.join("var/log/opq/box_update.log")).unwrap();
+    assert!(
+        log.contains("verified over the bytes as they arrived"),
+        "{log}"
     );
 }
 

@@ -5,7 +5,9 @@ use anyhow::{Result, bail};
 
 use super::{State, Verifying};
 use crate::image::ImageName;
+use crate::signing::{StreamingCheck, StreamingKey};
 use crate::updater::engine::Engine;
+use crate::updater::http::Tap;
 
 #[derive(Debug)]
 pub struct Downloading {
@@ -40,6 +42,13 @@ impl Downloading {
         // The image and what it expands to must fit: allow a third of the free space for the file.
         let max_size = engine.usable_space(&engine.layout().downloads_dir()) / 3;
         let log = |m: &str| engine.log.info(m);
+        // The signature's BLAKE2b prehash is computed on the way in, as the sha256 is, so that
+        // verifying does not read the whole file again.
+        let streaming_key = match (&s.public_key, &signature) {
+            (Some(pk), Some(sig)) => StreamingKey::new(pk, sig),
+            _ => None,
+        };
+        let mut check = SignatureTap(streaming_key.as_ref().map(StreamingKey::start));
         let (sha256, size) = engine.with_retries("the image", || {
             engine.http.download(
                 &self.url,
@@ -51,9 +60,11 @@ impl Downloading {
                         st.bytes_total = total;
                     })
                 },
+                &mut check,
                 &log,
             )
         })?;
+        let streamed_signature = check.0.map(StreamingCheck::finish);
         engine.status.update(|st| {
             st.bytes_done = size;
             st.bytes_total = Some(size);
@@ -68,8 +79,25 @@ impl Downloading {
             sha256,
             sidecar,
             signature,
+            streamed_signature,
             local: false,
             allow_older: false,
         }))
+    }
+}
+
+/// The signature check fed from the download, where the key and signature allow it.
+struct SignatureTap<'a>(Option<StreamingCheck<'a>>);
+
+impl Tap for SignatureTap<'_> {
+    fn restart(&mut self) {
+        if let Some(c) = &mut self.0 {
+            c.restart();
+        }
+    }
+    fn update(&mut self, bytes: &[u8]) {
+        if let Some(c) = &mut self.0 {
+            c.update(bytes);
+        }
     }
 }

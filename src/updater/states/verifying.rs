@@ -18,6 +18,9 @@ pub struct Verifying {
     pub sha256: String,
     pub sidecar: Option<String>,
     pub signature: Option<String>,
+    /// Whether `signature` verified over the bytes as they were downloaded (computed on the way
+    /// in, as `sha256` is); `None` when it could not be checked that way: the file is read.
+    pub streamed_signature: Option<Result<(), String>>,
     /// Uploaded by the box's owner rather than downloaded: there is no sidecar to fetch.
     pub local: bool,
     /// An upload of an older version was asked for explicitly.
@@ -44,6 +47,7 @@ pub fn from_local(
         sha256: String::new(),
         sidecar: None,
         signature,
+        streamed_signature: None,
         local: true,
         allow_older: force,
     })
@@ -103,8 +107,19 @@ impl Verifying {
             let Some(sig) = &self.signature else {
                 bail!("{name} is not signed, and this box only installs signed images");
             };
-            crate::signing::verify_image(pk, &self.file, sig, self.image)?;
-            engine.log.info(&format!("signature of {name} verified"));
+            let how = match &self.streamed_signature {
+                Some(verdict) => {
+                    crate::signing::verify_streamed(verdict, sig, self.image)?;
+                    "over the bytes as they arrived"
+                }
+                None => {
+                    crate::signing::verify_image(pk, &self.file, sig, self.image)?;
+                    "over the file"
+                }
+            };
+            engine
+                .log
+                .info(&format!("signature of {name} verified {how}"));
         }
         Ok(())
     }
