@@ -92,6 +92,10 @@ fi
 if [ "$(id -u)" -eq 0 ]; then
     say "the box's story on a virtual box (scripts/system-test.sh)"
     bash scripts/system-test.sh || status=1
+    say "power cuts during updates on the virtual box (scripts/system-test.sh --powercut 40)"
+    bash scripts/system-test.sh --powercut "${POWERCUTS:-40}" || status=1
+    say "one update through dm-log-writes, checked at every flush point (scripts/system-test.sh --replay)"
+    bash scripts/system-test.sh --replay || status=1
 else
     say "NOTE: not root: the virtual box's story (scripts/system-test.sh) is SKIPPED; CI runs as root"
 fi

@@ -19,7 +19,9 @@ mod util;
 
 mod bed;
 mod disk;
+mod logwrites;
 mod powercut;
+mod replay;
 mod story;
 mod vm;
 
@@ -36,6 +38,8 @@ struct Args {
     lanes: usize,
     seed: Option<u64>,
     smp_given: bool,
+    /// `--replay`: one update through dm-log-writes, checked at every flush point.
+    replay: bool,
 }
 
 /// `None`: nothing to do here (no `--vm-dir`: a test runner's call).
@@ -49,6 +53,7 @@ fn parse() -> Result<Option<Args>> {
     let mut lanes = 2;
     let mut seed = None;
     let mut smp_given = false;
+    let mut replay = false;
     let mut artifacts = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/artifacts/system"));
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -70,6 +75,7 @@ fn parse() -> Result<Option<Args>> {
                         .context("--powercut needs a number of cuts")?,
                 )
             }
+            "--replay" => replay = true,
             "--lanes" => lanes = value()?.parse().context("--lanes needs a number")?,
             "--seed" => seed = Some(value()?.parse().context("--seed needs a number")?),
             // What a test runner passes (nextest's --list, cargo test's filters): no story.
@@ -93,6 +99,7 @@ fn parse() -> Result<Option<Args>> {
         lanes,
         seed,
         smp_given,
+        replay,
     }))
 }
 
@@ -123,6 +130,9 @@ fn main() {
     };
     let started = Instant::now();
     let artifacts = args.inputs.artifacts.clone();
+    if args.replay {
+        run_replay(&args, started);
+    }
     if let Some(cuts) = args.powercut {
         run_powercut(&args, cuts, started);
     }
@@ -261,5 +271,44 @@ fn run_powercut(args: &Args, cuts: usize, started: Instant) -> ! {
     );
     let failed = cuts.saturating_sub(passed).max(failures.len());
     println!("{passed} passed, {failed} failed");
+    std::process::exit(if failed == 0 { 0 } else { 1 });
+}
+
+/// `--replay`: one update recorded through dm-log-writes, the box checked at every point.
+fn run_replay(args: &Args, started: Instant) -> ! {
+    let i = &args.inputs;
+    let inputs = bed::Inputs {
+        arch: i.arch,
+        vm_dir: i.vm_dir.clone(),
+        guest_updater: i.guest_updater.clone(),
+        artifacts: i.artifacts.join("replay"),
+        smp: if args.smp_given { i.smp } else { 1 },
+    };
+    let report = match replay::run(inputs) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("replay: {e:#}");
+            println!("0 passed, 1 failed");
+            std::process::exit(1);
+        }
+    };
+    for n in &report.notes {
+        println!("replay: {n}");
+    }
+    println!("\n{}", replay::summary(&report));
+    let failures = replay::failures(&report);
+    for f in &failures {
+        println!("FAILED at {f}");
+    }
+    let points = report.points.len();
+    let distinct = report.points.iter().filter(|p| !p.same_as_before).count();
+    let failed = report.points.iter().filter(|p| p.error.is_some()).count();
+    println!(
+        "{points} points (flush, FUA, mark) in {} log entries; {distinct} distinct disk states checked; whole run {:.1} s (load average {})",
+        report.entries,
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
+    println!("{} passed, {failed} failed", points - failed);
     std::process::exit(if failed == 0 { 0 } else { 1 });
 }

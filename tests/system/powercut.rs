@@ -425,38 +425,8 @@ impl<'a> Lane<'a> {
         Ok(format!("{outcome} (current on disk at the cut: {on_disk})"))
     }
 
-    /// Waits until the box has settled: its page answers, no update runs, nothing waits for a
-    /// confirmation (the guard is done), powering it on again when it reboots by itself (the
-    /// guard's retry or rollback). Returns the page's status.
     fn settle(&mut self) -> Result<Value> {
-        let deadline = Instant::now() + SETTLE;
-        let mut boots = 0;
-        let mut last = Value::Null;
-        loop {
-            if !self.bed.boot().running() {
-                boots += 1;
-                ensure!(
-                    boots <= 4,
-                    "the box rebooted {boots} times on its own: {last}"
-                );
-                self.bed.power_on()?;
-                continue;
-            }
-            if let Ok(s) = self.bed.status() {
-                if s["running"] == false && s["pending"].is_null() && s["state"] != "confirming" {
-                    return Ok(s);
-                }
-                last = s;
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the box did not settle within {} s; last status {last}\n{}",
-                    SETTLE.as_secs(),
-                    self.bed.console_tail(30)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        settle(&mut self.bed)
     }
 
     /// One update that is not cut: installed, rebooted, confirmed.
@@ -478,6 +448,40 @@ impl<'a> Lane<'a> {
         ensure!(v == to, "current is {v} on the disk after the final update");
         self.running = to;
         Ok(())
+    }
+}
+
+/// Waits until the box has settled: its page answers, no update runs, nothing waits for a
+/// confirmation (the guard is done), powering it on again when it reboots by itself (the
+/// guard's retry or rollback). Returns the page's status.
+pub fn settle(bed: &mut Bed) -> Result<Value> {
+    let deadline = Instant::now() + SETTLE;
+    let mut boots = 0;
+    let mut last = Value::Null;
+    loop {
+        if !bed.boot().running() {
+            boots += 1;
+            ensure!(
+                boots <= 4,
+                "the box rebooted {boots} times on its own: {last}"
+            );
+            bed.power_on()?;
+            continue;
+        }
+        if let Ok(s) = bed.status() {
+            if s["running"] == false && s["pending"].is_null() && s["state"] != "confirming" {
+                return Ok(s);
+            }
+            last = s;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the box did not settle within {} s; last status {last}\n{}",
+                SETTLE.as_secs(),
+                bed.console_tail(30)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
