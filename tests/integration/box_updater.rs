@@ -685,10 +685,11 @@ fn assert_units_of_v1(b: &BoxUnderTest, v1_unit: &str) {
     );
 }
 
-/// Found by the virtual box's power cuts (docs/reliability.md): a cut after a rollback put
-/// `current` back but before it undid the dropped release's units left them on the box for
-/// good (the next boot saw the old release current and nothing to do). The rollback is now
-/// recorded until its units are done, and the next boot's confirm finishes it.
+/// Found while building the virtual box's power cuts (docs/reliability.md), whose check that a
+/// rolled-back release's units are gone looks for it: a cut after a rollback put `current`
+/// back but before it undid the dropped release's units left them on the box for good (the next
+/// boot saw the old release current and nothing to do). The rollback is now recorded until its
+/// units are done, and the next boot's confirm finishes it.
 #[cfg(feature = "fault-injection")]
 #[test]
 fn a_rollback_cut_short_is_finished_at_the_next_boot() {
