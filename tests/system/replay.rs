@@ -328,10 +328,28 @@ fn check_point(image: &Path, scratch: &Path, updater: &[u8]) -> Result<(String, 
         "box-updater status says version {}, current is {current}",
         status["version"]
     );
-    let state = if tree.join("var/lib/box-updater/state.json").exists() {
-        status["state"].as_str().unwrap_or("?").to_string()
-    } else {
-        "-".into()
+    // The step as the state file has it (the page turns a step no process runs any more into
+    // "failed: interrupted while ..."; that view is checked here too).
+    let state = match std::fs::read(tree.join("var/lib/box-updater/state.json")) {
+        Ok(bytes) => {
+            let raw: Value = serde_json::from_slice(&bytes)?;
+            let step = raw["state"].as_str().unwrap_or("?").to_string();
+            let running = !matches!(
+                step.as_str(),
+                "idle" | "up_to_date" | "committed" | "rolled_back" | "failed" | "rebooting"
+            );
+            if running {
+                ensure!(
+                    status["state"] == "failed"
+                        && status["message"]
+                            .as_str()
+                            .is_some_and(|m| m.starts_with("interrupted while")),
+                    "state.json says {step}, but box-updater status does not report the update interrupted: {status}"
+                );
+            }
+            step
+        }
+        Err(_) => "-".into(),
     };
     let _ = std::fs::remove_dir_all(scratch);
     Ok((state, current))
@@ -339,10 +357,18 @@ fn check_point(image: &Path, scratch: &Path, updater: &[u8]) -> Result<(String, 
 
 /// The table of the points, by the step the state file names: checked, failed.
 pub fn summary(report: &Report) -> String {
-    use std::collections::BTreeMap;
-    let mut by: BTreeMap<(String, &str), (usize, usize, usize)> = BTreeMap::new();
+    // Grouped by log and step, in the order the steps first appear.
+    let mut rows: Vec<((&str, String), (usize, usize, usize))> = Vec::new();
     for p in &report.points {
-        let e = by.entry((p.state.clone(), p.log)).or_default();
+        let key = (p.log, p.state.clone());
+        let i = match rows.iter().position(|(k, _)| *k == key) {
+            Some(i) => i,
+            None => {
+                rows.push((key, (0, 0, 0)));
+                rows.len() - 1
+            }
+        };
+        let e = &mut rows[i].1;
         e.0 += 1;
         if !p.same_as_before {
             e.1 += 1;
@@ -354,7 +380,7 @@ pub fn summary(report: &Report) -> String {
     let mut out = String::from(
         "| log | step in state.json | points | distinct disk states checked | failed |\n|---|---|---|---|---|\n",
     );
-    for ((state, log), (n, checked, failed)) in by {
+    for ((log, state), (n, checked, failed)) in rows {
         out.push_str(&format!(
             "| {log} | {state} | {n} | {checked} | {failed} |\n"
         ));
