@@ -164,6 +164,7 @@ pub fn run(opts: &Options, make_inputs: &dyn Fn(usize) -> Inputs) -> (Vec<Cut>, 
         .collect();
     let cuts = Mutex::new(Vec::new());
     let failures = Mutex::new(Vec::new());
+    let boots = Mutex::new(Vec::new());
     let started = Instant::now();
     std::thread::scope(|s| {
         for lane in 0..opts.lanes {
@@ -173,10 +174,10 @@ pub fn run(opts: &Options, make_inputs: &dyn Fn(usize) -> Inputs) -> (Vec<Cut>, 
                 .filter(|(n, _)| (n - 1) % opts.lanes == lane)
                 .collect();
             let inputs = make_inputs(lane);
-            let (cuts, failures) = (&cuts, &failures);
+            let (cuts, failures, boots) = (&cuts, &failures, &boots);
             let seed = opts.seed ^ (lane as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
             s.spawn(move || {
-                if let Err(e) = Lane::run(lane + 1, inputs, &mine, seed, cuts, started) {
+                if let Err(e) = Lane::run(lane + 1, inputs, &mine, seed, cuts, boots, started) {
                     let msg = format!("lane {}: {e:#}", lane + 1);
                     println!("powercut: {msg}");
                     failures.lock().unwrap().push(msg);
@@ -186,6 +187,15 @@ pub fn run(opts: &Options, make_inputs: &dyn Fn(usize) -> Inputs) -> (Vec<Cut>, 
     });
     let mut cuts = cuts.into_inner().unwrap();
     cuts.sort_by_key(|c| c.n);
+    let boots = boots.into_inner().unwrap();
+    if !boots.is_empty() {
+        let mean = boots.iter().sum::<f64>() / boots.len() as f64;
+        let min = boots.iter().cloned().fold(f64::MAX, f64::min);
+        println!(
+            "{} boots reached their ready line: power-on to ready {min:.1} s at best, {mean:.1} s on average",
+            boots.len()
+        );
+    }
     (cuts, failures.into_inner().unwrap())
 }
 
@@ -209,6 +219,7 @@ impl<'a> Lane<'a> {
         plans: &[(usize, Step)],
         seed: u64,
         cuts: &'a Mutex<Vec<Cut>>,
+        boots: &Mutex<Vec<f64>>,
         started: Instant,
     ) -> Result<()> {
         let mut bed = Bed::new_with(
@@ -233,6 +244,16 @@ impl<'a> Lane<'a> {
             started,
             last: None,
         };
+        let result = lane.chain(plans);
+        boots
+            .lock()
+            .unwrap()
+            .extend(lane.bed.boot_times.iter().copied());
+        result
+    }
+
+    fn chain(&mut self, plans: &[(usize, Step)]) -> Result<()> {
+        let lane = self;
         lane.bed.power_on()?;
         let s = lane.settle().context("the first boot")?;
         ensure!(
@@ -469,7 +490,13 @@ pub fn settle(bed: &mut Bed) -> Result<Value> {
             continue;
         }
         if let Ok(s) = bed.status() {
-            if s["running"] == false && s["pending"].is_null() && s["state"] != "confirming" {
+            // A rollback a cut interrupted is still recorded until the guard has finished it
+            // (and rebooted): not settled before that.
+            if s["running"] == false
+                && s["pending"].is_null()
+                && s["rolling_back"].is_null()
+                && s["state"] != "confirming"
+            {
                 return Ok(s);
             }
             last = s;
