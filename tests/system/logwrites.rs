@@ -19,7 +19,7 @@ pub const FUA: u64 = 1 << 1;
 pub const DISCARD: u64 = 1 << 2;
 pub const MARK: u64 = 1 << 3;
 pub const METADATA: u64 = 1 << 4;
-const MAGIC: u64 = 0x6a73_6677_7368_72;
+const MAGIC: u64 = 0x006a_7366_7773_6872;
 const VERSION: u64 = 1;
 
 #[derive(Debug, Clone)]

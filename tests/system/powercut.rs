@@ -262,14 +262,7 @@ impl<'a> Lane<'a> {
         );
         for &(n, step) in plans {
             let t = Instant::now();
-            let cut = lane.cycle(n, step);
-            let mut cut = match cut {
-                Ok(c) => c,
-                Err((c, e)) => Cut {
-                    error: Some(format!("{e:#}")),
-                    ..c
-                },
-            };
+            let mut cut = lane.cycle(n, step);
             cut.seconds = t.elapsed().as_secs_f64();
             let failed = cut.error.is_some();
             lane.report_next(&cut);
@@ -320,8 +313,8 @@ impl<'a> Lane<'a> {
     }
 
     /// One cycle: an update to a new release (a bad one for a rollback), cut at `step`, then the
-    /// checks. On error, the cut as far as it got and the error.
-    fn cycle(&mut self, n: usize, step: Step) -> Result<Cut, (Cut, anyhow::Error)> {
+    /// checks: the cut, with its error if it failed.
+    fn cycle(&mut self, n: usize, step: Step) -> Cut {
         let to = self.next_version;
         self.next_version += 100;
         let mut cut = Cut {
@@ -339,15 +332,14 @@ impl<'a> Lane<'a> {
         };
         let bad = step == Step::Rollback;
         if let Err(e) = self.cut(&mut cut, bad) {
-            return Err((cut, e.context("before the cut")));
+            cut.error = Some(format!("{:#}", e.context("before the cut")));
+            return cut;
         }
         match self.after_cut(&cut, bad) {
-            Ok(outcome) => {
-                cut.outcome = outcome;
-                Ok(cut)
-            }
-            Err(e) => Err((cut, e)),
+            Ok(outcome) => cut.outcome = outcome,
+            Err(e) => cut.error = Some(format!("{e:#}")),
         }
+        cut
     }
 
     fn release(bad: bool) -> Release {
@@ -386,9 +378,21 @@ impl<'a> Lane<'a> {
     /// The checks after a cut: the disks from the host, then the box powered on until it
     /// settles, its page, its state, the release it runs. Returns the outcome.
     fn after_cut(&mut self, cut: &Cut, bad: bool) -> Result<String> {
-        let on_disk =
-            host_checks(&self.bed, &[cut.from, cut.to], !bad).context("the disks after the cut")?;
-        self.bed.power_on().context("powering on after the cut")?;
+        // The disks are checked on copies taken before the power comes back, while the box
+        // boots: the same checks, without waiting for them.
+        let disks = Disks::copy(&self.bed, cut.n)?;
+        let allowed = [cut.from, cut.to];
+        let checks = std::thread::spawn(move || {
+            let r = host_checks(&disks, &allowed, !bad);
+            disks.remove();
+            r
+        });
+        let booted = self.bed.power_on().context("powering on after the cut");
+        let on_disk = checks
+            .join()
+            .map_err(|_| anyhow::anyhow!("the disk checks panicked"))?
+            .context("the disks after the cut")?;
+        booted?;
         let s = self.settle()?;
         let version = s["version"].as_u64().context("the page names no version")?;
         ensure!(
@@ -413,14 +417,13 @@ impl<'a> Lane<'a> {
             "new release, confirmed"
         } else if result == "rolled_back" && last_to == cut.from {
             "old release, rolled back"
-        } else if state == "failed" && message.starts_with("interrupted while") {
-            "old release, update reported interrupted"
-        } else if result == "failed"
-            && last_to == cut.to
-            && last["message"]
-                .as_str()
-                .unwrap_or("")
-                .contains("did not complete")
+        } else if (state == "failed" && message.starts_with("interrupted while"))
+            || (result == "failed"
+                && last_to == cut.to
+                && last["message"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("did not complete"))
         {
             "old release, update reported interrupted"
         } else {
@@ -465,7 +468,10 @@ impl<'a> Lane<'a> {
             "the final update to {to}: {s}"
         );
         self.bed.power_cut();
-        let v = host_checks(&self.bed, &[to], true)?;
+        let disks = Disks::copy(&self.bed, 0)?;
+        let v = host_checks(&disks, &[to], true);
+        disks.remove();
+        let v = v?;
         ensure!(v == to, "current is {v} on the disk after the final update");
         self.running = to;
         Ok(())
@@ -605,11 +611,10 @@ impl Watch {
 /// status box-updater reads, the guard a complete copy of the box's updater; on the system disk
 /// the units of the box non-empty, and (when `no_extra`) no unit of a rolled-back release.
 /// Returns the version `current` points at.
-pub fn host_checks(bed: &Bed, allowed: &[u64], no_extra: bool) -> Result<u64> {
-    let scratch = bed.dir.join("check");
-    let _ = std::fs::remove_dir_all(&scratch);
+pub fn host_checks(disks: &Disks, allowed: &[u64], no_extra: bool) -> Result<u64> {
+    let scratch = disks.dir.join("work");
     std::fs::create_dir_all(&scratch)?;
-    let (fsck, copy) = disk::check(&bed.data_disk(), &scratch)?;
+    let (fsck, copy) = disk::check(&disks.data, &scratch)?;
     ensure!(fsck.clean, "e2fsck of the data disk:\n{}", fsck.report);
     let version = disk::current_release(&copy, &scratch)?;
     ensure!(
@@ -618,14 +623,14 @@ pub fn host_checks(bed: &Bed, allowed: &[u64], no_extra: bool) -> Result<u64> {
     );
     check_state(&copy)?;
     let guard = disk::cat(&copy, "/box-updater/guard/box-updater")?;
-    let good = std::fs::read(&bed.inputs.guest_updater)?;
+    let good = std::fs::read(&disks.updater)?;
     ensure!(
         guard == good,
         "the guard is not a complete box-updater ({} of {} bytes)",
         guard.len(),
         good.len()
     );
-    let (sys_fsck, sys) = disk::check(&bed.system_disk(), &scratch)?;
+    let (sys_fsck, sys) = disk::check(&disks.system, &scratch)?;
     ensure!(
         sys_fsck.clean,
         "e2fsck of the system disk:\n{}",
@@ -652,8 +657,37 @@ pub fn host_checks(bed: &Bed, allowed: &[u64], no_extra: bool) -> Result<u64> {
             "{EXTRA_UNIT_NAME} of a rolled-back release is still installed"
         );
     }
-    let _ = std::fs::remove_dir_all(&scratch);
     Ok(version)
+}
+
+/// Copies of a powered-off box's disks, for `host_checks`.
+pub struct Disks {
+    dir: PathBuf,
+    data: PathBuf,
+    system: PathBuf,
+    /// The box-updater every release of the run carries (the guard must be it).
+    updater: PathBuf,
+}
+
+impl Disks {
+    pub fn copy(bed: &Bed, n: usize) -> Result<Disks> {
+        let dir = bed.dir.join(format!("check-{n}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let (data, system) = (dir.join("data.img"), dir.join("root.img"));
+        disk::copy_image(&bed.data_disk(), &data)?;
+        disk::copy_image(&bed.system_disk(), &system)?;
+        Ok(Disks {
+            dir,
+            data,
+            system,
+            updater: bed.inputs.guest_updater.clone(),
+        })
+    }
+
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// `state.json` on a data disk image, if there is one, parses as box-updater's status.

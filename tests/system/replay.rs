@@ -358,7 +358,9 @@ fn check_point(image: &Path, scratch: &Path, updater: &[u8]) -> Result<(String, 
 /// The table of the points, by the step the state file names: checked, failed.
 pub fn summary(report: &Report) -> String {
     // Grouped by log and step, in the order the steps first appear.
-    let mut rows: Vec<((&str, String), (usize, usize, usize))> = Vec::new();
+    // (log, step) -> (points, checked, failed)
+    type Row = ((&'static str, String), (usize, usize, usize));
+    let mut rows: Vec<Row> = Vec::new();
     for p in &report.points {
         let key = (p.log, p.state.clone());
         let i = match rows.iter().position(|(k, _)| *k == key) {
