@@ -415,8 +415,6 @@ impl<'a> Lane<'a> {
                 cut.to
             );
             "new release, confirmed"
-        } else if result == "rolled_back" && last_to == cut.from {
-            "old release, rolled back"
         } else if (state == "failed" && message.starts_with("interrupted while"))
             || (result == "failed"
                 && last_to == cut.to
@@ -426,6 +424,8 @@ impl<'a> Lane<'a> {
                     .contains("did not complete"))
         {
             "old release, update reported interrupted"
+        } else if result == "rolled_back" && last_to == cut.from && last["from"] == cut.to {
+            "old release, rolled back"
         } else {
             bail!(
                 "on the old release {}, but the page does not say why: {s}",
