@@ -77,14 +77,15 @@ impl Step {
     }
 
     /// The longest delay after the marker: about the step's length on the virtual box (the
-    /// reboot: the shutdown, and the next boot up to the guard's start).
+    /// reboot: the shutdown, and the next boot up to the guard's start), measured on a loaded
+    /// host; a longer one lands in the next step more often (the table says where each landed).
     fn max_delay(self) -> Duration {
         Duration::from_millis(match self {
-            Step::Download => 2500,
-            Step::Verify => 600,
+            Step::Download => 1500,
+            Step::Verify => 200,
             Step::Unpack => 3500,
             Step::Install => 1500,
-            Step::Switch => 300,
+            Step::Switch => 80,
             Step::Reboot => 20000,
             Step::Confirm => 8000,
             Step::Rollback => 4000,
