@@ -62,6 +62,9 @@ migrate_release() {
         rm -rf "$dest"
         mv "$dest.partial" "$dest"
     fi
+    # The release's files durable before current points at them: after a power cut current
+    # must not name a release whose files never reached the disk (zero-length on ext4).
+    sync
     ln -sfn "releases/$name" "$opq/current.new"
     mv -T "$opq/current.new" "$opq/current"
     sync
@@ -92,6 +95,8 @@ install_units() {
             ln -sfn "/etc/systemd/system/$base" "$units_dir/$wanted_by.wants/$base"
         fi
     done
+    # Durable before box-updater switches to the release (an empty unit file is a masked unit).
+    [ "$changed" = 0 ] || sync
     if [ "$changed" = 1 ] && [ -z "$root" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
         systemctl daemon-reload
         log "systemd reloaded"

@@ -6,7 +6,10 @@
 # The guest's box-updater is the tests' own build (target/debug, `--features fault-injection`,
 # as scripts/test.sh builds it; its bzip2 and hashing are optimised, see Cargo.toml), stripped.
 # Needs root (debootstrap, mkfs.ext4 -d with file owners).
-# Usage: scripts/system-test.sh [--arch x86_64|aarch64] [--smp N] [--boot-only]
+# --powercut N cuts the power (SIGKILL of qemu) N times during updates instead of the story
+# (--long: 200 cuts), --replay records one update through dm-log-writes and checks the box at
+# every flush point of it (tests/system/README.md).
+# Usage: scripts/system-test.sh [--arch x86_64|aarch64] [--smp N] [--boot-only] [--powercut N|--long] [--lanes N] [--seed N] [--replay]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 arch=x86_64 extra=()
@@ -15,7 +18,12 @@ while [ $# -gt 0 ]; do
         --arch) arch=${2:?--arch needs x86_64 or aarch64}; shift 2 ;;
         --smp) extra+=(--smp "${2:?--smp needs a number}"); shift 2 ;;
         --boot-only) extra+=(--boot-only); shift ;;
-        *) echo "usage: $0 [--arch x86_64|aarch64] [--smp N] [--boot-only]" >&2; exit 2 ;;
+        --powercut) extra+=(--powercut "${2:?--powercut needs a number of cuts}"); shift 2 ;;
+        --long) extra+=(--powercut 200); shift ;;
+        --lanes) extra+=(--lanes "${2:?--lanes needs a number}"); shift 2 ;;
+        --seed) extra+=(--seed "${2:?--seed needs a number}"); shift 2 ;;
+        --replay) extra+=(--replay); shift ;;
+        *) echo "usage: $0 [--arch x86_64|aarch64] [--smp N] [--boot-only] [--powercut N|--long] [--lanes N] [--seed N] [--replay]" >&2; exit 2 ;;
     esac
 done
 case $arch in

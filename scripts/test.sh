@@ -168,6 +168,10 @@ if [ $system_test = 1 ]; then
         sed 's/^/  build-rootfs: /' "$rootfs_log" >&2
         phase "the box's story on a virtual box (scripts/system-test.sh)"
         bash scripts/system-test.sh || status=1
+        phase "power cuts during updates on the virtual box (scripts/system-test.sh --powercut ${POWERCUTS:-40})"
+        bash scripts/system-test.sh --powercut "${POWERCUTS:-40}" || status=1
+        phase "one update through dm-log-writes, checked at every flush point (scripts/system-test.sh --replay)"
+        bash scripts/system-test.sh --replay || status=1
     else
         cat "$rootfs_log" >&2
         say "FAILED: building the virtual box's test bed failed (its log is above); the system test did not run. Run tests/system/build-rootfs.sh amd64 alone to retry"

@@ -255,6 +255,16 @@ impl Engine {
         let _lock = self.lock_for_run()?;
         self.clean_leftovers();
         let status = self.status.get();
+        // A rollback a power cut interrupted: finished first (its units, the previous release's
+        // install script, the reboot), whatever the pending record says.
+        if let Some(r) = status.rolling_back {
+            self.log.info(&format!(
+                "finishing the rollback to version {} that was interrupted",
+                r.to
+            ));
+            let state = crate::updater::states::RollingBack::resume(r);
+            return Ok(self.drive(State::RollingBack(state)));
+        }
         let end = match (status.pending, self.layout().current()) {
             (Some(p), _) => {
                 // The time from the switch to this start: the reboot, as the report tells it.

@@ -1,6 +1,9 @@
 //! Named fault points for the fault-injection suite. Compiled in only with the `fault-injection`
 //! feature; a point named in `OPQ_FAULT` kills the process on the spot, as a power cut or an
 //! OOM kill would. `OPQ_FAULT=name` fires at a point, `OPQ_FAULT=name@N` once progress reaches N.
+//! `OPQ_FAULT_TRACE=FILE` writes `opq-fault-point: name` to FILE as each named point is passed,
+//! before anything else happens there (the virtual box's power cuts use `/dev/console`: the
+//! serial console tells the harness, with no journal in between, which step an update is at).
 
 #[cfg(feature = "fault-injection")]
 mod imp {
@@ -24,7 +27,26 @@ mod imp {
         std::process::abort()
     }
 
+    fn trace(name: &str) {
+        use std::io::Write;
+        use std::sync::Mutex;
+        static TRACE: OnceLock<Option<Mutex<std::fs::File>>> = OnceLock::new();
+        let file = TRACE.get_or_init(|| {
+            let path = std::env::var_os("OPQ_FAULT_TRACE")?;
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(path)
+                .ok()
+                .map(Mutex::new)
+        });
+        if let Some(f) = file {
+            let mut f = f.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = f.write_all(format!("opq-fault-point: {name}\n").as_bytes());
+        }
+    }
+
     pub fn point(name: &str) {
+        trace(name);
         if let Some((n, None)) = spec()
             && n == name
         {

@@ -96,6 +96,17 @@ pub struct Pending {
     pub switched_at: u64,
 }
 
+/// A rollback under way: written before `current` goes back and cleared once the dropped
+/// release's units are undone and the previous release's install script has run again, so that
+/// a power cut in between is finished at the next boot instead of leaving the dropped release's
+/// units on the box.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackRecord {
+    pub from: Option<Version>,
+    pub to: Version,
+    pub reason: String,
+}
+
 /// One finished update, for the history.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Outcome {
@@ -117,6 +128,9 @@ pub struct Status {
     pub updated_at: u64,
     #[serde(default)]
     pub pending: Option<Pending>,
+    /// A rollback that has begun and not yet ended (see `RollbackRecord`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolling_back: Option<RollbackRecord>,
     /// The last release confirmed healthy (the one a rollback returns to).
     #[serde(default)]
     pub confirmed: Option<Version>,

@@ -60,10 +60,33 @@ pub struct Ports {
     pub sample: u16,
 }
 
+/// How a box differs from the story's: the data disk's size, more disks (empty, sparse: the
+/// dm-log-writes logs), more kernel arguments.
+pub struct BoxSpec {
+    pub data_mib: u64,
+    pub extra_disks: Vec<(&'static str, u64)>,
+    pub extra_cmdline: String,
+}
+
+impl Default for BoxSpec {
+    fn default() -> Self {
+        BoxSpec {
+            data_mib: 1024,
+            extra_disks: Vec::new(),
+            extra_cmdline: String::new(),
+        }
+    }
+}
+
 impl Bed {
     /// A fresh box: a copy of the cached system disk, a new data disk (empty `opq/` and
     /// `box-updater/`), the update-server over an empty directory, a signing key.
     pub fn new(inputs: Inputs) -> Result<Bed> {
+        Bed::new_with(inputs, BoxSpec::default())
+    }
+
+    /// The same, as `spec` says.
+    pub fn new_with(inputs: Inputs, spec: BoxSpec) -> Result<Bed> {
         let dir = Dir::new();
         let updates = dir.mkdir("updates");
         let server = util::start_update_server(&updates);
@@ -74,7 +97,13 @@ impl Bed {
         std::fs::create_dir_all(data_tree.join("opq"))?;
         std::fs::create_dir_all(data_tree.join("box-updater"))?;
         let data = dir.join("data.img");
-        disk::make_ext4(&data, 1024, "opqdata", Some(&data_tree))?;
+        disk::make_ext4(&data, spec.data_mib, "opqdata", Some(&data_tree))?;
+        let mut disks = vec![root, data];
+        for (name, mib) in &spec.extra_disks {
+            let d = dir.join(format!("{name}.img"));
+            std::fs::File::create(&d)?.set_len(mib << 20)?;
+            disks.push(d);
+        }
         let ports = Ports {
             page: util::free_port(),
             old_page: util::free_port(),
@@ -90,7 +119,7 @@ impl Bed {
             arch: inputs.arch,
             kernel,
             initrd,
-            disks: vec![root, data],
+            disks,
             mem_mib: 512,
             smp: inputs.smp,
             forwards: vec![
@@ -113,7 +142,7 @@ impl Bed {
                 host_port: server.port,
             }],
             log_dir,
-            extra_cmdline: String::new(),
+            extra_cmdline: spec.extra_cmdline,
         })?;
         Ok(Bed {
             dir,
@@ -203,6 +232,7 @@ impl Bed {
     pub fn publish(&self, version: u64, release: &Release) -> Result<PathBuf> {
         let payload = self.dir.mkdir(&format!("payload-{version}"));
         release.write(
+            version,
             &payload,
             &self.inputs.guest_updater,
             &self.dir.join("fleet.pub"),
@@ -237,6 +267,66 @@ impl Bed {
         Ok(self
             .updates
             .join(format!("opq-box-update-{version}.tar.bz2")))
+    }
+
+    /// Makes the powered-off box one that already runs `version` under box-updater, from the
+    /// host, as a migration would leave it (tests/system/README.md: the power-cut runs start
+    /// there rather than replay the story's migration): the image is published and unpacked
+    /// into `releases/` of a new data disk, `current` points at it, its `box-updater` is the
+    /// guard, and its units (the guard's included) are written into the system disk with
+    /// `debugfs -w`, enabled for multi-user.target. No state file: the guard confirms the
+    /// release at the first boot, as after a migration.
+    pub fn install_from_host(&mut self, version: u64, release: &Release) -> Result<()> {
+        let image = self.publish(version, release)?;
+        let tree = self.dir.mkdir(&format!("installed-{version}"));
+        let releases = tree.join("opq/releases");
+        std::fs::create_dir_all(&releases)?;
+        let out = std::process::Command::new("tar")
+            .arg("-xjf")
+            .arg(&image)
+            .arg("-C")
+            .arg(&releases)
+            .output()
+            .context("running tar")?;
+        if !out.status.success() {
+            bail!(
+                "tar -xjf {}: {}",
+                image.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let name = format!("opq-box-update-{version}");
+        let rel = releases.join(&name);
+        std::os::unix::fs::symlink(format!("releases/{name}"), tree.join("opq/current"))?;
+        let guard = tree.join("box-updater/guard");
+        std::fs::create_dir_all(&guard)?;
+        std::fs::copy(
+            rel.join("box-updater/box-updater"),
+            guard.join("box-updater"),
+        )?;
+        disk::make_ext4(&self.data_disk(), self.data_mib()?, "opqdata", Some(&tree))?;
+        let mut units = vec![
+            rel.join("box-updater/box-updater.service"),
+            rel.join("box-updater/box-updater-guard.service"),
+            rel.join("opq-sample/opq-sample.service"),
+        ];
+        if release.extra_unit {
+            units.push(rel.join("opq-extra/opq-extra.service"));
+        }
+        let mut script = String::new();
+        for u in &units {
+            let base = u.file_name().unwrap_or_default().to_string_lossy();
+            script.push_str(&format!(
+                "write {} /etc/systemd/system/{base}\nsymlink /etc/systemd/system/multi-user.target.wants/{base} /etc/systemd/system/{base}\n",
+                u.display()
+            ));
+        }
+        disk::debugfs_write(&self.system_disk(), &script)?;
+        Ok(())
+    }
+
+    fn data_mib(&self) -> Result<u64> {
+        Ok(std::fs::metadata(self.data_disk())?.len() >> 20)
     }
 
     /// Takes an image and its sidecars off the server.
@@ -350,6 +440,9 @@ pub struct Release {
     pub install_script: Option<String>,
     /// A service of its own that the other releases do not have (`opq-extra.service`).
     pub extra_unit: bool,
+    /// The sample service is busybox's httpd serving a file (python's start costs seconds of
+    /// emulated CPU at every boot), and its unit names the version (so each update replaces it).
+    pub light: bool,
 }
 
 impl Release {
@@ -360,13 +453,22 @@ impl Release {
             broken_updater: false,
             install_script: None,
             extra_unit: false,
+            light: false,
+        }
+    }
+
+    /// A good release of the power-cut runs: light (see `light`).
+    pub fn light() -> Release {
+        Release {
+            light: true,
+            ..Release::good()
         }
     }
 
     /// The payload: `box-updater/` as `scripts/make-box-payload.sh` assembles it (the guest's
     /// binary, the project's units, the fleet's public key), a sample service of the box with its
     /// unit, and the image's `health_check.sh`.
-    fn write(&self, dir: &Path, updater: &Path, public_key: &Path) -> Result<()> {
+    fn write(&self, version: u64, dir: &Path, updater: &Path, public_key: &Path) -> Result<()> {
         let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
         let bu = dir.join("box-updater");
         std::fs::create_dir_all(&bu)?;
@@ -378,16 +480,22 @@ impl Release {
         } else {
             std::fs::copy(updater, bu.join("box-updater"))?;
         }
-        std::fs::copy(
-            repo.join("box-updater/box-updater.service"),
+        // The project's units; both tell the console which step an update is at (the guest's
+        // box-updater is the fault-injection build, see src/updater/fault.rs), for the power
+        // cuts.
+        let trace = "[Service]\nEnvironment=OPQ_FAULT_TRACE=/dev/console\n";
+        let unit = std::fs::read_to_string(repo.join("box-updater/box-updater.service"))?;
+        std::fs::write(
             bu.join("box-updater.service"),
+            unit.replace("[Service]\n", trace),
         )?;
-        // The project's guard unit, with a shorter wait and fewer boots so the story fits in CI.
+        // The guard's, with a shorter wait and fewer boots so the story fits in CI.
         let guard = std::fs::read_to_string(repo.join("box-updater/box-updater-guard.service"))?;
         let fast = guard
             .replace("--max-boots 3", "--max-boots 2")
-            .replace("--health-timeout 180", "--health-timeout 120");
-        if fast == guard {
+            .replace("--health-timeout 180", "--health-timeout 120")
+            .replace("[Service]\n", trace);
+        if !fast.contains("--max-boots 2") || !fast.contains("--health-timeout 120") {
             bail!("box-updater-guard.service no longer has --max-boots 3 --health-timeout 180");
         }
         std::fs::write(bu.join("box-updater-guard.service"), fast)?;
@@ -395,10 +503,29 @@ impl Release {
 
         let sample = dir.join("opq-sample");
         std::fs::create_dir_all(&sample)?;
-        write_exec(&sample.join("sample.py"), SAMPLE_PY)?;
+        let (run, unit) = if self.light {
+            let www = sample.join("www");
+            std::fs::create_dir_all(&www)?;
+            std::fs::write(
+                www.join("index.html"),
+                format!(
+                    "{{\"version\": \"{version}\", \"dir\": \"/opt/opq/releases/opq-box-update-{version}/opq-sample\"}}\n"
+                ),
+            )?;
+            (
+                SAMPLE_RUN_LIGHT,
+                SAMPLE_UNIT.replace(
+                    "[Service]\n",
+                    &format!("[Service]\nEnvironment=OPQ_SAMPLE_VERSION={version}\n"),
+                ),
+            )
+        } else {
+            write_exec(&sample.join("sample.py"), SAMPLE_PY)?;
+            (SAMPLE_RUN, SAMPLE_UNIT.to_string())
+        };
         write_exec(
             &sample.join("run.sh"),
-            &SAMPLE_RUN.replace(
+            &run.replace(
                 "@FAIL@\n",
                 if self.failing_service {
                     "echo 'opq-sample: failing on purpose' >&2\nexit 1\n"
@@ -407,7 +534,7 @@ impl Release {
                 },
             ),
         )?;
-        std::fs::write(sample.join("opq-sample.service"), SAMPLE_UNIT)?;
+        std::fs::write(sample.join("opq-sample.service"), unit)?;
         write_exec(&dir.join("health_check.sh"), HEALTH_CHECK)?;
         if self.extra_unit {
             let extra = dir.join("opq-extra");
@@ -445,6 +572,13 @@ HTTPServer(("", 8081), Handler).serve_forever()
 const SAMPLE_RUN: &str = "#!/bin/sh
 @FAIL@
 exec /usr/bin/python3 \"$(dirname \"$0\")/sample.py\"
+";
+
+// The light sample: busybox's httpd serves the release's own index.html (its version), from the
+// release `current` pointed at when it started.
+const SAMPLE_RUN_LIGHT: &str = "#!/bin/sh
+@FAIL@
+exec /usr/bin/busybox httpd -f -p 8081 -h \"$(dirname \"$0\")/www\"
 ";
 
 const SAMPLE_UNIT: &str = "[Unit]

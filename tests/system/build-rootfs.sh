@@ -264,7 +264,7 @@ chown "$pi" "$root/var/log/opq"
 # opq-vm-net.service (busybox ip) instead of systemd-networkd; the disks are mounted by the
 # initrd, so nothing waits for udev, which does not run at all.
 units="$root/etc/systemd/system"
-for u in box-config-daemon.service opq-vm-net.service opq-vm-boot.service opq-vm-ready.service; do
+for u in box-config-daemon.service opq-vm-net.service opq-vm-boot.service opq-vm-ready.service opq-vm-logw.service; do
     # shellcheck disable=SC2013 # WantedBy= holds words: unit names
     for target in $(sed -n 's/^WantedBy=//p' "$units/$u"); do
         mkdir -p "$units/$target.wants"

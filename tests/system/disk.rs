@@ -200,3 +200,24 @@ pub fn current_release(image: &Path, scratch: &Path) -> Result<u64> {
     std::fs::remove_dir_all(&dest)?;
     Ok(version)
 }
+
+/// Runs debugfs requests (one a line: `write HOSTFILE PATH`, `symlink PATH TARGET`, ...) on an
+/// image with writes allowed; the image must not be in use.
+pub fn debugfs_write(image: &Path, requests: &str) -> Result<()> {
+    let file = image.with_extension("debugfs");
+    std::fs::write(&file, requests)?;
+    let out = Command::new("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&file)
+        .arg(image)
+        .output()
+        .context("cannot run debugfs")?;
+    let _ = std::fs::remove_file(&file);
+    let err = String::from_utf8_lossy(&out.stderr);
+    // debugfs exits 0 even when a request fails; its complaints come on stderr after the banner.
+    if !out.status.success() || err.lines().skip(1).any(|l| !l.trim().is_empty()) {
+        bail!("debugfs -w on {}: {err}", image.display());
+    }
+    Ok(())
+}

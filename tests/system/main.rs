@@ -19,6 +19,9 @@ mod util;
 
 mod bed;
 mod disk;
+mod logwrites;
+mod powercut;
+mod replay;
 mod story;
 mod vm;
 
@@ -30,6 +33,13 @@ use anyhow::{Context, Result, bail};
 struct Args {
     inputs: bed::Inputs,
     boot_only: bool,
+    /// `--powercut N`: N power cuts instead of the story.
+    powercut: Option<usize>,
+    lanes: usize,
+    seed: Option<u64>,
+    smp_given: bool,
+    /// `--replay`: one update through dm-log-writes, checked at every flush point.
+    replay: bool,
 }
 
 /// `None`: nothing to do here (no `--vm-dir`: a test runner's call).
@@ -39,6 +49,11 @@ fn parse() -> Result<Option<Args>> {
     let mut updater = None;
     let mut smp = 2;
     let mut boot_only = false;
+    let mut powercut = None;
+    let mut lanes = 2;
+    let mut seed = None;
+    let mut smp_given = false;
+    let mut replay = false;
     let mut artifacts = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/artifacts/system"));
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -48,8 +63,21 @@ fn parse() -> Result<Option<Args>> {
             "--vm-dir" => vm_dir = Some(PathBuf::from(value()?)),
             "--guest-updater" => updater = Some(PathBuf::from(value()?)),
             "--artifacts" => artifacts = PathBuf::from(value()?),
-            "--smp" => smp = value()?.parse().context("--smp needs a number")?,
+            "--smp" => {
+                smp = value()?.parse().context("--smp needs a number")?;
+                smp_given = true;
+            }
             "--boot-only" => boot_only = true,
+            "--powercut" => {
+                powercut = Some(
+                    value()?
+                        .parse()
+                        .context("--powercut needs a number of cuts")?,
+                )
+            }
+            "--replay" => replay = true,
+            "--lanes" => lanes = value()?.parse().context("--lanes needs a number")?,
+            "--seed" => seed = Some(value()?.parse().context("--seed needs a number")?),
             // What a test runner passes (nextest's --list, cargo test's filters): no story.
             _ if vm_dir.is_none() => return Ok(None),
             other => bail!("unknown argument {other:?}; see tests/system/main.rs"),
@@ -67,6 +95,11 @@ fn parse() -> Result<Option<Args>> {
             smp,
         },
         boot_only,
+        powercut,
+        lanes,
+        seed,
+        smp_given,
+        replay,
     }))
 }
 
@@ -97,6 +130,12 @@ fn main() {
     };
     let started = Instant::now();
     let artifacts = args.inputs.artifacts.clone();
+    if args.replay {
+        run_replay(&args, started);
+    }
+    if let Some(cuts) = args.powercut {
+        run_powercut(&args, cuts, started);
+    }
     let mut bed = match bed::Bed::new(args.inputs) {
         Ok(b) => b,
         Err(e) => {
@@ -181,4 +220,95 @@ fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
+}
+
+/// `--powercut N`: the cuts in lanes, their tables, `N passed, N failed`; exits.
+fn run_powercut(args: &Args, cuts: usize, started: Instant) -> ! {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let lanes = args.lanes.clamp(1, cuts.max(1));
+    // One virtual CPU per box unless told: a boot uses about one host core, and the lanes
+    // share the host's.
+    let smp = if args.smp_given { args.inputs.smp } else { 1 };
+    println!(
+        "powercut: {cuts} cuts in {lanes} lanes (one virtual box each, -smp {smp}), seed {seed} (--seed repeats the choices)"
+    );
+    let opts = powercut::Options { cuts, lanes, seed };
+    let i = &args.inputs;
+    let make = |lane: usize| bed::Inputs {
+        arch: i.arch,
+        vm_dir: i.vm_dir.clone(),
+        guest_updater: i.guest_updater.clone(),
+        artifacts: powercut::lane_artifacts(&i.artifacts, lane),
+        smp,
+    };
+    let (done, failures) = powercut::run(&opts, &make);
+    println!("\n{}", powercut::summary(&done));
+    let passed = done
+        .iter()
+        .filter(|c| c.error.is_none() && !c.next.starts_with("FAILED"))
+        .count();
+    let next_done = done
+        .iter()
+        .filter(|c| c.next.starts_with("completed"))
+        .count();
+    println!(
+        "{} cuts made of {cuts}; after {next_done} of them the next update ran to its reboot and was confirmed or rolled back as it should, the others' next update was cut in turn",
+        done.len()
+    );
+    for f in &failures {
+        println!("lane failure: {f}");
+    }
+    println!(
+        "whole run {:.1} s (load average {}); console logs in {}",
+        started.elapsed().as_secs_f64(),
+        load_average(),
+        args.inputs.artifacts.display()
+    );
+    let failed = cuts.saturating_sub(passed).max(failures.len());
+    println!("{passed} passed, {failed} failed");
+    std::process::exit(if failed == 0 { 0 } else { 1 });
+}
+
+/// `--replay`: one update recorded through dm-log-writes, the box checked at every point.
+fn run_replay(args: &Args, started: Instant) -> ! {
+    let i = &args.inputs;
+    let inputs = bed::Inputs {
+        arch: i.arch,
+        vm_dir: i.vm_dir.clone(),
+        guest_updater: i.guest_updater.clone(),
+        artifacts: i.artifacts.join("replay"),
+        smp: if args.smp_given { i.smp } else { 1 },
+    };
+    let report = match replay::run(inputs) {
+        Ok(r) => r,
+        Err(e) => {
+            println!("replay: {e:#}");
+            println!("0 passed, 1 failed");
+            std::process::exit(1);
+        }
+    };
+    for n in &report.notes {
+        println!("replay: {n}");
+    }
+    println!("\n{}", replay::summary(&report));
+    let failures = replay::failures(&report);
+    for f in &failures {
+        println!("FAILED at {f}");
+    }
+    let points = report.points.len();
+    let distinct = report.points.iter().filter(|p| !p.same_as_before).count();
+    let failed = report.points.iter().filter(|p| p.error.is_some()).count();
+    println!(
+        "{points} points (flush, FUA, mark) in {} log entries; {distinct} distinct disk states checked; whole run {:.1} s (load average {})",
+        report.entries,
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
+    println!("{} passed, {failed} failed", points - failed);
+    std::process::exit(if failed == 0 { 0 } else { 1 });
 }

@@ -1,6 +1,8 @@
 //! Rolling back: `current` goes back to the previous release (after checking it is whole), the
 //! units of the dropped release are undone, the previous release's install script runs again to
-//! restore its own, and the box reboots.
+//! restore its own, and the box reboots. The rollback is recorded before it starts and cleared
+//! once the units are done: a power cut in the middle is finished at the next boot (see
+//! `Engine::confirm`).
 
 use anyhow::{Context, Result};
 
@@ -8,7 +10,7 @@ use super::{RolledBack, State, Transition};
 use crate::image::{ImageName, SUMS_FILE};
 use crate::sums::Sha256Sums;
 use crate::updater::engine::Engine;
-use crate::updater::status::Step;
+use crate::updater::status::{RollbackRecord, Step};
 
 #[derive(Debug)]
 pub struct RollingBack {
@@ -47,10 +49,32 @@ pub fn by_hand(engine: &Engine, to: ImageName, reason: &str) -> State {
 }
 
 impl RollingBack {
+    /// The record that lets the next boot finish this rollback.
+    pub fn record(&self) -> RollbackRecord {
+        RollbackRecord {
+            from: self.from.map(ImageName::version),
+            to: self.to.version(),
+            reason: self.reason.clone(),
+        }
+    }
+
+    /// A rollback a power cut interrupted, to be finished.
+    pub fn resume(r: RollbackRecord) -> RollingBack {
+        RollingBack {
+            to: ImageName(r.to),
+            from: r.from.map(ImageName),
+            reason: r.reason,
+        }
+    }
+
     pub fn handle(self, engine: &Engine) -> (State, Transition) {
+        let record = self.record();
+        engine.status.update(|s| s.rolling_back = Some(record));
         match self.switch_back(engine) {
             Ok(()) => {}
             Err(e) => {
+                // Not resumable (the previous release is damaged): not retried at every boot.
+                engine.status.update(|s| s.rolling_back = None);
                 return (
                     State::failed(Step::RollingBack, format!("{e:#}")),
                     Transition::Continue,
@@ -71,6 +95,7 @@ impl RollingBack {
         engine.status.update(|s| {
             s.state = Step::RolledBack;
             s.message = msg.clone();
+            s.rolling_back = None;
         });
         engine.log.info("rebooting");
         if let Err(e) = engine.reboot() {
@@ -107,6 +132,7 @@ impl RollingBack {
         layout
             .switch_current(self.to)
             .context("switching opt/opq/current back")?;
+        crate::updater::fault::point("rollback:after-switch");
         // The release rolled back to ran well before (it was confirmed, or it was what ran).
         engine.status.update(|s| {
             s.pending = None;
@@ -120,6 +146,7 @@ impl RollingBack {
         if let Some(dropped) = self.from {
             super::installing::undo_units(engine, dropped, Some(self.to));
         }
+        crate::updater::fault::point("rollback:after-units");
         let from = self.from.map(ImageName::version);
         if let Err(e) = super::installing::run_install_script(engine, self.to, from) {
             engine.log.warn(&format!(

@@ -28,6 +28,11 @@ impl Switching {
         };
         engine.status.update(|s| s.pending = Some(pending));
         engine.sync_disk(&layout.releases_dir());
+        // The units the install script wrote are on the system's file system, which is often
+        // not the releases' (the virtual box keeps them apart): durable too before the switch,
+        // or a power cut right after it could boot the new release with an empty unit file,
+        // which systemd takes as masked.
+        engine.sync_disk(&layout.units_dir());
         crate::updater::fault::point("switch:before-rename");
         layout
             .switch_current(self.image)
