@@ -8,8 +8,9 @@
 # Needs root (debootstrap, mkfs.ext4 -d with file owners).
 # --powercut N cuts the power (SIGKILL of qemu) N times during updates instead of the story
 # (--long: 200 cuts), --replay records one update through dm-log-writes and checks the box at
-# every flush point of it (tests/system/README.md).
-# Usage: scripts/system-test.sh [--arch x86_64|aarch64] [--smp N] [--boot-only] [--powercut N|--long] [--lanes N] [--seed N] [--replay]
+# every flush point of it (tests/system/README.md); --steps rollback,confirm aims the cuts at
+# those steps only (to chase one kind of cut).
+# Usage: scripts/system-test.sh [--arch x86_64|aarch64] [--smp N] [--boot-only] [--powercut N|--long] [--lanes N] [--seed N] [--steps S,S] [--replay]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 arch=x86_64 extra=()
@@ -21,9 +22,10 @@ while [ $# -gt 0 ]; do
         --powercut) extra+=(--powercut "${2:?--powercut needs a number of cuts}"); shift 2 ;;
         --long) extra+=(--powercut 200); shift ;;
         --lanes) extra+=(--lanes "${2:?--lanes needs a number}"); shift 2 ;;
+        --steps) extra+=(--steps "${2:?--steps needs step names, e.g. rollback,confirm}"); shift 2 ;;
         --seed) extra+=(--seed "${2:?--seed needs a number}"); shift 2 ;;
         --replay) extra+=(--replay); shift ;;
-        *) echo "usage: $0 [--arch x86_64|aarch64] [--smp N] [--boot-only] [--powercut N|--long] [--lanes N] [--seed N] [--replay]" >&2; exit 2 ;;
+        *) echo "usage: $0 [--arch x86_64|aarch64] [--smp N] [--boot-only] [--powercut N|--long] [--lanes N] [--seed N] [--steps S,S] [--replay]" >&2; exit 2 ;;
     esac
 done
 case $arch in

@@ -419,6 +419,9 @@ impl Bed {
                     v["dir"].as_str().unwrap_or("").to_string(),
                 ));
             }
+            if !self.boot().running() {
+                bail!("the box went down while waiting for the sample service");
+            }
             if Instant::now() >= deadline {
                 bail!(
                     "the sample service did not answer within {} s",

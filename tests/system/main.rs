@@ -40,6 +40,8 @@ struct Args {
     smp_given: bool,
     /// `--replay`: one update through dm-log-writes, checked at every flush point.
     replay: bool,
+    /// `--steps a,b`: power cuts aimed at these steps only.
+    steps: Vec<powercut::Step>,
 }
 
 /// `None`: nothing to do here (no `--vm-dir`: a test runner's call).
@@ -54,6 +56,7 @@ fn parse() -> Result<Option<Args>> {
     let mut seed = None;
     let mut smp_given = false;
     let mut replay = false;
+    let mut steps = Vec::new();
     let mut artifacts = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/artifacts/system"));
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -76,6 +79,12 @@ fn parse() -> Result<Option<Args>> {
                 )
             }
             "--replay" => replay = true,
+            "--steps" => {
+                steps = value()?
+                    .split(',')
+                    .map(powercut::Step::parse)
+                    .collect::<Result<_>>()?
+            }
             "--lanes" => lanes = value()?.parse().context("--lanes needs a number")?,
             "--seed" => seed = Some(value()?.parse().context("--seed needs a number")?),
             // What a test runner passes (nextest's --list, cargo test's filters): no story.
@@ -100,6 +109,7 @@ fn parse() -> Result<Option<Args>> {
         seed,
         smp_given,
         replay,
+        steps,
     }))
 }
 
@@ -237,7 +247,12 @@ fn run_powercut(args: &Args, cuts: usize, started: Instant) -> ! {
     println!(
         "powercut: {cuts} cuts in {lanes} lanes (one virtual box each, -smp {smp}), seed {seed} (--seed repeats the choices)"
     );
-    let opts = powercut::Options { cuts, lanes, seed };
+    let opts = powercut::Options {
+        cuts,
+        lanes,
+        seed,
+        steps: args.steps.clone(),
+    };
     let i = &args.inputs;
     let make = |lane: usize| bed::Inputs {
         arch: i.arch,

@@ -46,6 +46,17 @@ impl Step {
         Step::Rollback,
     ];
 
+    /// A step by its name or the first word of it (`install`, `confirm`).
+    pub fn parse(s: &str) -> Result<Step> {
+        Step::ALL
+            .into_iter()
+            .find(|st| st.name() == s || st.name().split(' ').next() == Some(s))
+            .with_context(|| {
+                let names: Vec<_> = Step::ALL.iter().map(|st| st.name()).collect();
+                format!("no step {s:?}; the steps are {}", names.join(", "))
+            })
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Step::Download => "download",
@@ -131,6 +142,8 @@ pub struct Options {
     pub cuts: usize,
     pub lanes: usize,
     pub seed: u64,
+    /// Only these steps (`--steps`, to chase one kind of cut), in PATTERN's order; all if empty.
+    pub steps: Vec<Step>,
 }
 
 /// A small deterministic random source (xorshift64*), seeded per lane: a run can be repeated
@@ -160,8 +173,12 @@ const MARKER: Duration = Duration::from_secs(240);
 /// is checked, then the tables; returns the cuts (each passed or not) and the lanes' own
 /// failures (set-up, the final update).
 pub fn run(opts: &Options, make_inputs: &dyn Fn(usize) -> Inputs) -> (Vec<Cut>, Vec<String>) {
+    let pattern: Vec<Step> = PATTERN
+        .into_iter()
+        .filter(|st| opts.steps.is_empty() || opts.steps.contains(st))
+        .collect();
     let plans: Vec<(usize, Step)> = (0..opts.cuts)
-        .map(|i| (i + 1, PATTERN[i % PATTERN.len()]))
+        .map(|i| (i + 1, pattern[i % pattern.len()]))
         .collect();
     let cuts = Mutex::new(Vec::new());
     let failures = Mutex::new(Vec::new());
@@ -479,6 +496,11 @@ impl<'a> Lane<'a> {
     }
 }
 
+/// What systemd prints first when a shutdown or reboot begins.
+const SHUTDOWN: &str = "Stopped target multi-user.target";
+/// How long a settled status must hold; the guard's reboot stops the page within about a second.
+const STEADY: Duration = Duration::from_millis(1500);
+
 /// Waits until the box has settled: its page answers, no update runs, nothing waits for a
 /// confirmation (the guard is done), powering it on again when it reboots by itself (the
 /// guard's retry or rollback). Returns the page's status.
@@ -486,8 +508,13 @@ pub fn settle(bed: &mut Bed) -> Result<Value> {
     let deadline = Instant::now() + SETTLE;
     let mut boots = 0;
     let mut last = Value::Null;
+    // The guard that finishes an interrupted rollback writes its final state, then reboots: a
+    // status read in between looks settled. Settled means the same on two reads STEADY apart
+    // with no shutdown begun on the console in this boot.
+    let mut since: Option<Instant> = None;
     loop {
         if !bed.boot().running() {
+            since = None;
             boots += 1;
             ensure!(
                 boots <= 4,
@@ -503,10 +530,19 @@ pub fn settle(bed: &mut Bed) -> Result<Value> {
                 && s["pending"].is_null()
                 && s["rolling_back"].is_null()
                 && s["state"] != "confirming"
+                && !bed.boot().console().contains(SHUTDOWN)
             {
-                return Ok(s);
+                match since {
+                    Some(t) if t.elapsed() >= STEADY => return Ok(s),
+                    Some(_) => {}
+                    None => since = Some(Instant::now()),
+                }
+            } else {
+                since = None;
             }
             last = s;
+        } else {
+            since = None;
         }
         if Instant::now() >= deadline {
             bail!(
