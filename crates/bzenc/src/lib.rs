@@ -1,0 +1,491 @@
+//! A bzip2 encoder (level 9 streams, `BZh9`): the image builder's hot path. libbz2 spends most of
+//! its time in its block sort; here the Burrows-Wheeler transform is a suffix sort (divsufsort) of
+//! the block turned to its least rotation, whose suffix order is the order of the block's cyclic
+//! rotations. The entropy stage follows libbz2's (`compress.c`): MTF with RUNA/RUNB zero runs, 2 to
+//! 6 Huffman tables chosen per 50 symbols over four refinement passes, lengths at most 17 bits.
+//!
+//! A crate of its own, beside the decoder `opq-bunzip`, so that test builds compile it optimised
+//! (Cargo.toml's `profile.dev.package`) and the fuzz target can round-trip through both.
+
+/// Bytes a block holds after the first run-length pass: libbz2's limit at level 9, which leaves
+/// room under the format's 900 000 for the last run's five bytes.
+pub const BLOCK_MAX: usize = 100_000 * 9 - 19;
+
+const BLOCK_MAGIC: u64 = 0x3141_5926_5359;
+const END_MAGIC: u64 = 0x1772_4538_5090;
+const GROUP_SIZE: usize = 50;
+const MAX_GROUPS: usize = 6;
+const MAX_ALPHA: usize = 258;
+const MAX_CODE_LEN: u8 = 17;
+const ITERATIONS: usize = 4;
+
+const BZIP2_CRC: crc::Crc<u32, crc::Table<16>> =
+    crc::Crc::<u32, crc::Table<16>>::new(&crc::CRC_32_BZIP2);
+
+/// `data` as one complete bzip2 stream at level 9: the header, as many blocks as the data needs
+/// (one for up to about 899 000 bytes), the stream CRC. Any input length, the empty one included.
+pub fn compress_block(data: &[u8]) -> Vec<u8> {
+    let mut w = BitWriter::with_capacity(data.len() / 3 + 64);
+    w.put(32, u64::from(u32::from_be_bytes(*b"BZh9")));
+    let mut combined = 0u32;
+    let mut block = Vec::with_capacity(data.len().min(BLOCK_MAX) + 8);
+    let mut work = Work::default();
+    let mut pos = 0;
+    while pos < data.len() {
+        let used = rle1(&data[pos..], &mut block);
+        let crc = BZIP2_CRC.checksum(&data[pos..pos + used]);
+        combined = combined.rotate_left(1) ^ crc;
+        encode_block(&block, crc, &mut work, &mut w);
+        pos += used;
+    }
+    w.put(48, END_MAGIC);
+    w.put(32, u64::from(combined));
+    w.finish()
+}
+
+/// The first run-length pass: runs of 4 to 255 equal bytes become the 4 bytes and a count of the
+/// rest. Fills `block` (cleared first) up to `BLOCK_MAX` and returns how many input bytes it took.
+/// Runs never cross a block boundary: decoders reset their run state at each block.
+fn rle1(input: &[u8], block: &mut Vec<u8>) -> usize {
+    block.clear();
+    let mut i = 0;
+    while i < input.len() && block.len() < BLOCK_MAX {
+        let b = input[i];
+        let limit = (input.len() - i).min(255);
+        let mut run = 1;
+        while run < limit && input[i + run] == b {
+            run += 1;
+        }
+        if run < 4 {
+            // Short runs are copied; the room check is per byte so a block never overfills.
+            block.push(b);
+            i += 1;
+        } else {
+            block.extend_from_slice(&[b, b, b, b, (run - 4) as u8]);
+            i += run;
+        }
+    }
+    i
+}
+
+/// Buffers reused from block to block.
+#[derive(Default)]
+struct Work {
+    rotated: Vec<u8>,
+    sa: Vec<i32>,
+    bwt: Vec<u8>,
+    mtfv: Vec<u16>,
+}
+
+fn encode_block(block: &[u8], crc: u32, work: &mut Work, w: &mut BitWriter) {
+    let orig_ptr = bwt(block, work);
+    let mut in_use = [false; 256];
+    for &b in block {
+        in_use[b as usize] = true;
+    }
+    let n_in_use = in_use.iter().filter(|&&u| u).count();
+    let alpha_size = n_in_use + 2;
+    let mut freq = [0u32; MAX_ALPHA];
+    mtf_rle2(&work.bwt, &in_use, &mut work.mtfv, &mut freq[..alpha_size]);
+
+    w.put(48, BLOCK_MAGIC);
+    w.put(32, u64::from(crc));
+    w.put(1, 0); // never randomised
+    w.put(24, orig_ptr as u64);
+    let mut used16 = 0u16;
+    for (i, chunk) in in_use.chunks(16).enumerate() {
+        if chunk.iter().any(|&u| u) {
+            used16 |= 0x8000 >> i;
+        }
+    }
+    w.put(16, u64::from(used16));
+    for chunk in in_use.chunks(16) {
+        if chunk.iter().any(|&u| u) {
+            let bits = chunk
+                .iter()
+                .enumerate()
+                .fold(0u64, |acc, (j, &u)| acc | (u64::from(u) << (15 - j)));
+            w.put(16, bits);
+        }
+    }
+    send_mtf_values(&work.mtfv, &freq[..alpha_size], w);
+}
+
+/// The block sort: the Burrows-Wheeler transform of `block` over its cyclic rotations into
+/// `work.bwt`; returns the row of the block itself (origPtr).
+///
+/// Turned to its least rotation, a block that is not periodic is a Lyndon word, and a Lyndon
+/// word's suffixes sort in the order of its rotations (when one suffix is a prefix of another, the
+/// rotation that continues with the word's start is the smaller, as is the shorter suffix). A
+/// periodic block is the power of a Lyndon word: its equal rotations tie, their last bytes are the
+/// same, and any of their rows decodes to the block, so the suffix order serves there too.
+fn bwt(block: &[u8], work: &mut Work) -> usize {
+    let n = block.len();
+    let k = least_rotation(block);
+    work.rotated.clear();
+    work.rotated.extend_from_slice(&block[k..]);
+    work.rotated.extend_from_slice(&block[..k]);
+    work.sa.clear();
+    work.sa.resize(n, 0);
+    divsufsort::sort_in_place(&work.rotated, &mut work.sa);
+    // The block starts at n - k in the rotated copy.
+    let start = ((n - k) % n) as i32;
+    let mut orig_ptr = 0;
+    work.bwt.clear();
+    work.bwt.reserve(n);
+    let text = &work.rotated;
+    for (row, &s) in work.sa.iter().enumerate() {
+        let prev = if s == 0 { n - 1 } else { s as usize - 1 };
+        if s == start {
+            orig_ptr = row;
+        }
+        work.bwt.push(text[prev]);
+    }
+    orig_ptr
+}
+
+/// Where the lexicographically least rotation of `s` starts (the first such, in linear time: the
+/// two-candidate scan of Shiloach / Duval).
+fn least_rotation(s: &[u8]) -> usize {
+    let n = s.len();
+    let (mut i, mut j, mut k) = (0usize, 1usize, 0usize);
+    while i < n && j < n && k < n {
+        let a = s[(i + k) % n];
+        let b = s[(j + k) % n];
+        if a == b {
+            k += 1;
+            continue;
+        }
+        if a > b {
+            i += k + 1;
+        } else {
+            j += k + 1;
+        }
+        if i == j {
+            j += 1;
+        }
+        k = 0;
+    }
+    i.min(j)
+}
+
+/// Move-to-front over the bytes in use, with runs of zeros written in bijective base 2 as RUNA (0)
+/// and RUNB (1); other positions `p` become `p + 1`, and the block ends with EOB. Counts each
+/// symbol into `freq`.
+fn mtf_rle2(bwt: &[u8], in_use: &[bool; 256], out: &mut Vec<u16>, freq: &mut [u32]) {
+    let mut unseq_to_seq = [0u8; 256];
+    let mut order = [0u8; 256];
+    let mut n = 0usize;
+    for b in 0..256 {
+        if in_use[b] {
+            unseq_to_seq[b] = n as u8;
+            order[n] = n as u8;
+            n += 1;
+        }
+    }
+    let eob = (n + 1) as u16;
+    out.clear();
+    out.reserve(bwt.len() + 1);
+    let mut zeros = 0u32;
+    let flush_zeros = |zeros: &mut u32, out: &mut Vec<u16>, freq: &mut [u32]| {
+        let mut z = *zeros - 1;
+        loop {
+            let sym = (z & 1) as u16;
+            out.push(sym);
+            freq[sym as usize] += 1;
+            if z < 2 {
+                break;
+            }
+            z = (z - 2) / 2;
+        }
+        *zeros = 0;
+    };
+    for &b in bwt {
+        let c = unseq_to_seq[b as usize];
+        if order[0] == c {
+            zeros += 1;
+            continue;
+        }
+        if zeros > 0 {
+            flush_zeros(&mut zeros, out, freq);
+        }
+        // Find c and shift the ones before it down by one.
+        let mut prev = order[0];
+        let mut j = 1;
+        loop {
+            let here = order[j];
+            order[j] = prev;
+            if here == c {
+                break;
+            }
+            prev = here;
+            j += 1;
+        }
+        order[0] = c;
+        out.push(j as u16 + 1);
+        freq[j + 1] += 1;
+    }
+    if zeros > 0 {
+        flush_zeros(&mut zeros, out, freq);
+    }
+    out.push(eob);
+    freq[eob as usize] += 1;
+}
+
+/// Chooses the Huffman tables and codes the symbols, as libbz2's `sendMTFValues` does: an initial
+/// split of the alphabet into equal-frequency ranges, then four passes that give each group of 50
+/// symbols its cheapest table and rebuild every table from the symbols it got.
+fn send_mtf_values(mtfv: &[u16], freq: &[u32], w: &mut BitWriter) {
+    let alpha_size = freq.len();
+    let n_mtf = mtfv.len();
+    let n_groups = match n_mtf {
+        0..200 => 2,
+        200..600 => 3,
+        600..1200 => 4,
+        1200..2400 => 5,
+        _ => 6,
+    };
+    const LESSER: u8 = 0;
+    const GREATER: u8 = 15;
+    let mut len = [[GREATER; MAX_ALPHA]; MAX_GROUPS];
+    {
+        let mut n_part = n_groups;
+        let mut rem_f = n_mtf as i64;
+        let mut gs = 0i64;
+        while n_part > 0 {
+            let t_freq = rem_f / n_part as i64;
+            let mut ge = gs - 1;
+            let mut a_freq = 0i64;
+            while a_freq < t_freq && ge < alpha_size as i64 - 1 {
+                ge += 1;
+                a_freq += i64::from(freq[ge as usize]);
+            }
+            if ge > gs && n_part != n_groups && n_part != 1 && (n_groups - n_part) % 2 == 1 {
+                a_freq -= i64::from(freq[ge as usize]);
+                ge -= 1;
+            }
+            for (v, l) in len[n_part - 1][..alpha_size].iter_mut().enumerate() {
+                let v = v as i64;
+                *l = if v >= gs && v <= ge { LESSER } else { GREATER };
+            }
+            n_part -= 1;
+            gs = ge + 1;
+            rem_f -= a_freq;
+        }
+    }
+
+    let n_selectors = n_mtf.div_ceil(GROUP_SIZE);
+    let mut selectors = vec![0u8; n_selectors];
+    let mut rfreq = [[0u32; MAX_ALPHA]; MAX_GROUPS];
+    for _ in 0..ITERATIONS {
+        for f in rfreq.iter_mut() {
+            f.fill(0);
+        }
+        // Every table's cost of a symbol in one word, 10 bits each: 50 symbols of at most 17 bits
+        // add up to 850, so the fields never carry into each other.
+        let mut packed = [0u64; MAX_ALPHA];
+        for (v, p) in packed[..alpha_size].iter_mut().enumerate() {
+            *p = (0..n_groups).fold(0u64, |acc, t| acc | (u64::from(len[t][v]) << (10 * t)));
+        }
+        for (group, sel) in mtfv.chunks(GROUP_SIZE).zip(selectors.iter_mut()) {
+            let sum: u64 = group.iter().map(|&s| packed[s as usize]).sum();
+            let mut best = u32::MAX;
+            let mut bt = 0;
+            for t in 0..n_groups {
+                let cost = ((sum >> (10 * t)) & 0x3ff) as u32;
+                if cost < best {
+                    best = cost;
+                    bt = t;
+                }
+            }
+            *sel = bt as u8;
+            let rf = &mut rfreq[bt];
+            for &s in group {
+                rf[s as usize] += 1;
+            }
+        }
+        for t in 0..n_groups {
+            make_code_lengths(&mut len[t][..alpha_size], &rfreq[t][..alpha_size], MAX_CODE_LEN);
+        }
+    }
+
+    let mut codes = [[0u32; MAX_ALPHA]; MAX_GROUPS];
+    for t in 0..n_groups {
+        assign_codes(&mut codes[t][..alpha_size], &len[t][..alpha_size]);
+    }
+
+    w.put(3, n_groups as u64);
+    w.put(15, n_selectors as u64);
+    let mut pos: [u8; MAX_GROUPS] = [0, 1, 2, 3, 4, 5];
+    for &s in &selectors {
+        let j = pos.iter().position(|&p| p == s).expect("selector in range");
+        pos.copy_within(0..j, 1);
+        pos[0] = s;
+        // j ones and a zero.
+        w.put(j as u32 + 1, ((1u64 << j) - 1) << 1);
+    }
+    for lens in &len[..n_groups] {
+        let mut curr = lens[0];
+        w.put(5, u64::from(curr));
+        for &l in &lens[..alpha_size] {
+            while curr < l {
+                w.put(2, 2);
+                curr += 1;
+            }
+            while curr > l {
+                w.put(2, 3);
+                curr -= 1;
+            }
+            w.put(1, 0);
+        }
+    }
+    for (group, &sel) in mtfv.chunks(GROUP_SIZE).zip(&selectors) {
+        let (l, c) = (&len[sel as usize], &codes[sel as usize]);
+        for &s in group {
+            w.put(u32::from(l[s as usize]), u64::from(c[s as usize]));
+        }
+    }
+}
+
+/// Huffman code lengths for `freq` (a zero counts as one) of at most `max_len` bits, as libbz2's
+/// `BZ2_hbMakeCodeLengths` builds them: a heap of weights whose low byte carries the subtree's depth,
+/// so that ties go to the shallower tree; when a code is too long the weights are halved and the
+/// tree rebuilt.
+fn make_code_lengths(len: &mut [u8], freq: &[u32], max_len: u8) {
+    let alpha_size = freq.len();
+    let mut heap = [0usize; MAX_ALPHA + 2];
+    let mut weight = [0u32; MAX_ALPHA * 2];
+    let mut parent = [0i32; MAX_ALPHA * 2];
+    for (i, &f) in freq.iter().enumerate() {
+        weight[i + 1] = f.max(1) << 8;
+    }
+    let add_weights = |a: u32, b: u32| {
+        ((a & 0xffff_ff00) + (b & 0xffff_ff00)) | (1 + (a & 0xff).max(b & 0xff))
+    };
+    loop {
+        let mut n_nodes = alpha_size;
+        let mut n_heap = 0usize;
+        heap[0] = 0;
+        weight[0] = 0;
+        parent[0] = -2;
+        for i in 1..=alpha_size {
+            parent[i] = -1;
+            n_heap += 1;
+            heap[n_heap] = i;
+            up_heap(&mut heap, &weight, n_heap);
+        }
+        while n_heap > 1 {
+            let n1 = heap[1];
+            heap[1] = heap[n_heap];
+            n_heap -= 1;
+            down_heap(&mut heap, &weight, n_heap, 1);
+            let n2 = heap[1];
+            heap[1] = heap[n_heap];
+            n_heap -= 1;
+            down_heap(&mut heap, &weight, n_heap, 1);
+            n_nodes += 1;
+            parent[n1] = n_nodes as i32;
+            parent[n2] = n_nodes as i32;
+            weight[n_nodes] = add_weights(weight[n1], weight[n2]);
+            parent[n_nodes] = -1;
+            n_heap += 1;
+            heap[n_heap] = n_nodes;
+            up_heap(&mut heap, &weight, n_heap);
+        }
+        let mut too_long = false;
+        for i in 1..=alpha_size {
+            let mut depth = 0u8;
+            let mut k = i;
+            while parent[k] >= 0 {
+                k = parent[k] as usize;
+                depth += 1;
+            }
+            len[i - 1] = depth;
+            too_long |= depth > max_len;
+        }
+        if !too_long {
+            return;
+        }
+        for w in &mut weight[1..=alpha_size] {
+            *w = (1 + (*w >> 8) / 2) << 8;
+        }
+    }
+}
+
+fn up_heap(heap: &mut [usize], weight: &[u32], mut z: usize) {
+    let tmp = heap[z];
+    while weight[tmp] < weight[heap[z >> 1]] {
+        heap[z] = heap[z >> 1];
+        z >>= 1;
+    }
+    heap[z] = tmp;
+}
+
+fn down_heap(heap: &mut [usize], weight: &[u32], n_heap: usize, mut z: usize) {
+    let tmp = heap[z];
+    loop {
+        let mut y = z << 1;
+        if y > n_heap {
+            break;
+        }
+        if y < n_heap && weight[heap[y + 1]] < weight[heap[y]] {
+            y += 1;
+        }
+        if weight[tmp] < weight[heap[y]] {
+            break;
+        }
+        heap[z] = heap[y];
+        z = y;
+    }
+    heap[z] = tmp;
+}
+
+/// Canonical codes, as decoders rebuild them from the lengths: by length, then by symbol.
+fn assign_codes(codes: &mut [u32], len: &[u8]) {
+    let mut code = 0u32;
+    for l in 1..=MAX_CODE_LEN {
+        for (c, &sl) in codes.iter_mut().zip(len) {
+            if sl == l {
+                *c = code;
+                code += 1;
+            }
+        }
+        code <<= 1;
+    }
+}
+
+/// Bits written most significant first, as bzip2 reads them.
+struct BitWriter {
+    out: Vec<u8>,
+    acc: u64,
+    bits: u32,
+}
+
+impl BitWriter {
+    fn with_capacity(n: usize) -> Self {
+        BitWriter {
+            out: Vec::with_capacity(n),
+            acc: 0,
+            bits: 0,
+        }
+    }
+
+    /// The low `n` bits of `v` (n ≤ 48).
+    #[inline]
+    fn put(&mut self, n: u32, v: u64) {
+        debug_assert!(n <= 48 && (n == 64 || v >> n == 0));
+        self.acc = (self.acc << n) | v;
+        self.bits += n;
+        while self.bits >= 8 {
+            self.bits -= 8;
+            self.out.push((self.acc >> self.bits) as u8);
+        }
+    }
+
+    fn finish(mut self) -> Vec<u8> {
+        if self.bits > 0 {
+            self.out.push((self.acc << (8 - self.bits)) as u8);
+        }
+        self.out
+    }
+}
