@@ -1,6 +1,6 @@
 //! A bzip2 encoder (level 9 streams, `BZh9`): the image builder's hot path. libbz2 spends most of
-//! its time in its block sort; here the Burrows-Wheeler transform is a suffix sort (divsufsort) of
-//! the block turned to its least rotation, whose suffix order is the order of the block's cyclic
+//! its time in its block sort; here the Burrows-Wheeler transform is a suffix sort (libsais) of the
+//! block turned to its least rotation, whose suffix order is the order of the block's cyclic
 //! rotations. The entropy stage follows libbz2's (`compress.c`): MTF with RUNA/RUNB zero runs, 2 to
 //! 6 Huffman tables chosen per 50 symbols over four refinement passes, lengths at most 17 bits.
 //!
@@ -46,6 +46,7 @@ pub fn compress_block(data: &[u8]) -> Vec<u8> {
 /// The first run-length pass: runs of 4 to 255 equal bytes become the 4 bytes and a count of the
 /// rest. Fills `block` (cleared first) up to `BLOCK_MAX` and returns how many input bytes it took.
 /// Runs never cross a block boundary: decoders reset their run state at each block.
+#[inline(never)]
 fn rle1(input: &[u8], block: &mut Vec<u8>) -> usize {
     block.clear();
     let mut i = 0;
@@ -71,12 +72,14 @@ fn rle1(input: &[u8], block: &mut Vec<u8>) -> usize {
 /// Buffers reused from block to block.
 #[derive(Default)]
 struct Work {
-    rotated: Vec<u8>,
+    twice: Vec<u8>,
+    candidates: Vec<u64>,
     sa: Vec<i32>,
     bwt: Vec<u8>,
     mtfv: Vec<u16>,
 }
 
+#[inline(never)]
 fn encode_block(block: &[u8], crc: u32, work: &mut Work, w: &mut BitWriter) {
     let orig_ptr = bwt(block, work);
     let mut in_use = [false; 256];
@@ -119,59 +122,124 @@ fn encode_block(block: &[u8], crc: u32, work: &mut Work, w: &mut BitWriter) {
 /// rotation that continues with the word's start is the smaller, as is the shorter suffix). A
 /// periodic block is the power of a Lyndon word: its equal rotations tie, their last bytes are the
 /// same, and any of their rows decodes to the block, so the suffix order serves there too.
+#[inline(never)]
 fn bwt(block: &[u8], work: &mut Work) -> usize {
     let n = block.len();
-    let k = least_rotation(block);
-    work.rotated.clear();
-    work.rotated.extend_from_slice(&block[k..]);
-    work.rotated.extend_from_slice(&block[..k]);
+    // The block twice: every rotation is a slice of it.
+    let twice = &mut work.twice;
+    twice.clear();
+    twice.extend_from_slice(block);
+    twice.extend_from_slice(block);
+    let k = least_rotation(twice, n, &mut work.candidates);
+    let text = &twice[k..k + n];
     work.sa.clear();
     work.sa.resize(n, 0);
-    divsufsort::sort_in_place(&work.rotated, &mut work.sa);
-    // The block starts at n - k in the rotated copy.
+    suffix_sort(text, &mut work.sa);
+    // The block starts at n - k in the rotated text.
     let start = ((n - k) % n) as i32;
     let mut orig_ptr = 0;
     work.bwt.clear();
     work.bwt.reserve(n);
-    let text = &work.rotated;
     for (row, &s) in work.sa.iter().enumerate() {
-        let prev = if s == 0 { n - 1 } else { s as usize - 1 };
         if s == start {
             orig_ptr = row;
         }
-        work.bwt.push(text[prev]);
+        // The byte before the text's start is its last.
+        let prev = if s == 0 { k + n - 1 } else { k + s as usize - 1 };
+        work.bwt.push(twice[prev]);
     }
     orig_ptr
 }
 
-/// Where the lexicographically least rotation of `s` starts (the first such, in linear time: the
-/// two-candidate scan of Shiloach / Duval).
-fn least_rotation(s: &[u8]) -> usize {
-    let n = s.len();
-    let (mut i, mut j, mut k) = (0usize, 1usize, 0usize);
-    while i < n && j < n && k < n {
-        let a = s[(i + k) % n];
-        let b = s[(j + k) % n];
-        if a == b {
-            k += 1;
-            continue;
+/// The suffix array of `text` into `sa` (of the same length), by libsais.
+fn suffix_sort(text: &[u8], sa: &mut [i32]) {
+    let n = i32::try_from(text.len()).expect("blocks are under 2 GiB");
+    // SAFETY: `text` and `sa` are live, both of n elements; fs = 0 asks for no extra room, and a
+    // null freq for no symbol counts.
+    let rc = unsafe {
+        libsais_sys::libsais::libsais(text.as_ptr(), sa.as_mut_ptr(), n, 0, std::ptr::null_mut())
+    };
+    assert_eq!(rc, 0, "libsais failed on a block of {n} bytes");
+}
+
+/// Where the lexicographically least rotation of the block starts (the first such), given the
+/// block twice over in `twice`, of which `n` is the block's length, and a bitmap to reuse.
+///
+/// The two-candidate scan of Shiloach / Duval in linear time, run only over the candidates: the
+/// positions whose next eight bytes are the least eight-byte string in the block (one pass finds
+/// them). On text and binaries those are few, and the scan's unpredictable comparisons with them.
+fn least_rotation(twice: &[u8], n: usize, candidates: &mut Vec<u64>) -> usize {
+    candidates.clear();
+    candidates.resize(n.div_ceil(64), 0);
+    let window = |p: usize| u64::from_be_bytes(twice[p..p + 8].try_into().expect("8 bytes"));
+    if twice.len() >= n + 8 {
+        let least = (0..n).map(window).min().unwrap_or(0);
+        for p in 0..n {
+            if window(p) == least {
+                candidates[p / 64] |= 1 << (p % 64);
+            }
         }
-        if a > b {
-            i += k + 1;
+    } else {
+        candidates.fill(u64::MAX);
+    }
+    // The first candidate at or after p, or n.
+    let next = |p: usize| -> usize {
+        let mut word = p / 64;
+        if word >= candidates.len() {
+            return n;
+        }
+        let mut bits = candidates[word] & (u64::MAX << (p % 64));
+        while bits == 0 {
+            word += 1;
+            if word == candidates.len() {
+                return n;
+            }
+            bits = candidates[word];
+        }
+        (word * 64 + bits.trailing_zeros() as usize).min(n)
+    };
+    let mut i = next(0);
+    let mut j = next(i + 1);
+    while i < n && j < n {
+        let k = common_prefix(&twice[i..i + n], &twice[j..j + n]);
+        if k >= n {
+            break; // periodic: equal rotations
+        }
+        // The loser at offset k loses with its next k positions too.
+        if twice[i + k] > twice[j + k] {
+            i = next(i + k + 1);
         } else {
-            j += k + 1;
+            j = next(j + k + 1);
         }
         if i == j {
-            j += 1;
+            j = next(j + 1);
         }
-        k = 0;
     }
     i.min(j)
+}
+
+/// How many leading bytes `a` and `b` share (up to the shorter's length).
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    let len = a.len().min(b.len());
+    let mut p = 0;
+    while p + 8 <= len {
+        let x = u64::from_le_bytes(a[p..p + 8].try_into().expect("8 bytes"));
+        let y = u64::from_le_bytes(b[p..p + 8].try_into().expect("8 bytes"));
+        if x != y {
+            return p + ((x ^ y).trailing_zeros() / 8) as usize;
+        }
+        p += 8;
+    }
+    while p < len && a[p] == b[p] {
+        p += 1;
+    }
+    p
 }
 
 /// Move-to-front over the bytes in use, with runs of zeros written in bijective base 2 as RUNA (0)
 /// and RUNB (1); other positions `p` become `p + 1`, and the block ends with EOB. Counts each
 /// symbol into `freq`.
+#[inline(never)]
 fn mtf_rle2(bwt: &[u8], in_use: &[bool; 256], out: &mut Vec<u16>, freq: &mut [u32]) {
     let mut unseq_to_seq = [0u8; 256];
     let mut order = [0u8; 256];
@@ -235,6 +303,7 @@ fn mtf_rle2(bwt: &[u8], in_use: &[bool; 256], out: &mut Vec<u16>, freq: &mut [u3
 /// Chooses the Huffman tables and codes the symbols, as libbz2's `sendMTFValues` does: an initial
 /// split of the alphabet into equal-frequency ranges, then four passes that give each group of 50
 /// symbols its cheapest table and rebuild every table from the symbols it got.
+#[inline(never)]
 fn send_mtf_values(mtfv: &[u16], freq: &[u32], w: &mut BitWriter) {
     let alpha_size = freq.len();
     let n_mtf = mtfv.len();
@@ -351,6 +420,7 @@ fn send_mtf_values(mtfv: &[u16], freq: &[u32], w: &mut BitWriter) {
 /// `BZ2_hbMakeCodeLengths` builds them: a heap of weights whose low byte carries the subtree's depth,
 /// so that ties go to the shallower tree; when a code is too long the weights are halved and the
 /// tree rebuilt.
+#[inline(never)]
 fn make_code_lengths(len: &mut [u8], freq: &[u32], max_len: u8) {
     let alpha_size = freq.len();
     let mut heap = [0usize; MAX_ALPHA + 2];
