@@ -291,18 +291,12 @@ fn mtf_rle2(bwt: &[u8], in_use: &[bool; 256], out: &mut Vec<u16>, freq: &mut [u3
         if zeros > 0 {
             flush_zeros(&mut zeros, out, freq);
         }
-        // Find c and shift the ones before it down by one.
-        let mut prev = order[0];
-        let mut j = 1;
-        loop {
-            let here = order[j];
-            order[j] = prev;
-            if here == c {
-                break;
-            }
-            prev = here;
-            j += 1;
-        }
+        let j = if order[1] == c {
+            1
+        } else {
+            position_of(&order, c)
+        };
+        order.copy_within(0..j, 1);
         order[0] = c;
         out.push(j as u16 + 1);
         freq[j + 1] += 1;
@@ -312,6 +306,20 @@ fn mtf_rle2(bwt: &[u8], in_use: &[bool; 256], out: &mut Vec<u16>, freq: &mut [u3
     }
     out.push(eob);
     freq[eob as usize] += 1;
+}
+
+/// Where `c` is in `order` (it is there), eight bytes at a time: a byte equal to `c` is a zero
+/// byte of the word XOR `c`s, and the lowest zero byte is found exactly.
+fn position_of(order: &[u8; 256], c: u8) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    for (q, word) in order.chunks_exact(8).enumerate() {
+        let x = u64::from_le_bytes(word.try_into().expect("8 bytes")) ^ (ONES * u64::from(c));
+        let zero = x.wrapping_sub(ONES) & !x & (ONES << 7);
+        if zero != 0 {
+            return q * 8 + (zero.trailing_zeros() / 8) as usize;
+        }
+    }
+    unreachable!("a byte in use is in the MTF list")
 }
 
 /// Chooses the Huffman tables and codes the symbols, as libbz2's `sendMTFValues` does: an initial
