@@ -368,7 +368,8 @@ fn send_mtf_values(mtfv: &[u16], freq: &[u32], w: &mut BitWriter) {
 
     let n_selectors = n_mtf.div_ceil(GROUP_SIZE);
     let mut selectors = vec![0u8; n_selectors];
-    let mut rfreq = [[0u32; MAX_ALPHA]; MAX_GROUPS];
+    // 512 entries, a symbol masked to 9 bits: indexing then needs no bounds check.
+    let mut rfreq = [[0u32; 512]; MAX_GROUPS];
     for iteration in 0..ITERATIONS {
         let mut changed = iteration == 0;
         for f in rfreq.iter_mut() {
@@ -376,12 +377,12 @@ fn send_mtf_values(mtfv: &[u16], freq: &[u32], w: &mut BitWriter) {
         }
         // Every table's cost of a symbol in one word, 10 bits each: 50 symbols of at most 17 bits
         // add up to 850, so the fields never carry into each other.
-        let mut packed = [0u64; MAX_ALPHA];
+        let mut packed = [0u64; 512];
         for (v, p) in packed[..alpha_size].iter_mut().enumerate() {
             *p = (0..n_groups).fold(0u64, |acc, t| acc | (u64::from(len[t][v]) << (10 * t)));
         }
         for (group, sel) in mtfv.chunks(GROUP_SIZE).zip(selectors.iter_mut()) {
-            let sum: u64 = group.iter().map(|&s| packed[s as usize]).sum();
+            let sum: u64 = group.iter().map(|&s| packed[s as usize & 511]).sum();
             let mut best = u32::MAX;
             let mut bt = 0;
             for t in 0..n_groups {
@@ -395,7 +396,7 @@ fn send_mtf_values(mtfv: &[u16], freq: &[u32], w: &mut BitWriter) {
             *sel = bt as u8;
             let rf = &mut rfreq[bt];
             for &s in group {
-                rf[s as usize] += 1;
+                rf[s as usize & 511] += 1;
             }
         }
         if !changed {
