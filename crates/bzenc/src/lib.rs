@@ -98,7 +98,6 @@ struct Work {
     mtfv: Vec<u16>,
 }
 
-#[inline(never)]
 fn encode_block(block: &[u8], crc: u32, work: &mut Work, w: &mut BitWriter) {
     let orig_ptr = bwt(block, work);
     let mut in_use = [false; 256];
@@ -141,7 +140,6 @@ fn encode_block(block: &[u8], crc: u32, work: &mut Work, w: &mut BitWriter) {
 /// rotation that continues with the word's start is the smaller, as is the shorter suffix). A
 /// periodic block is the power of a Lyndon word: its equal rotations tie, their last bytes are the
 /// same, and any of their rows decodes to the block, so the suffix order serves there too.
-#[inline(never)]
 fn bwt(block: &[u8], work: &mut Work) -> usize {
     let n = block.len();
     // The block twice: every rotation is a slice of it.
@@ -253,7 +251,6 @@ fn common_prefix(a: &[u8], b: &[u8]) -> usize {
 /// Move-to-front over the bytes in use, with runs of zeros written in bijective base 2 as RUNA (0)
 /// and RUNB (1); other positions `p` become `p + 1`, and the block ends with EOB. Counts each
 /// symbol into `freq`.
-#[inline(never)]
 fn mtf_rle2(bwt: &[u8], in_use: &[bool; 256], out: &mut Vec<u16>, freq: &mut [u32]) {
     let mut unseq_to_seq = [0u8; 256];
     let mut order = [0u8; 256];
@@ -326,7 +323,6 @@ fn position_of(order: &[u8; 256], c: u8) -> usize {
 /// split of the alphabet into equal-frequency ranges, then passes that give each group of 50
 /// symbols its cheapest table and rebuild every table from the symbols it got. Eight passes, as
 /// lbzip2 makes, not libbz2's four: 0.04 % smaller on the bench payload, for about 2 % more time.
-#[inline(never)]
 fn send_mtf_values(mtfv: &[u16], freq: &[u32], w: &mut BitWriter) {
     let alpha_size = freq.len();
     let n_mtf = mtfv.len();
@@ -475,7 +471,6 @@ fn send_mtf_values(mtfv: &[u16], freq: &[u32], w: &mut BitWriter) {
 /// `BZ2_hbMakeCodeLengths` builds them: a heap of weights whose low byte carries the subtree's depth,
 /// so that ties go to the shallower tree; when a code is too long the weights are halved and the
 /// tree rebuilt.
-#[inline(never)]
 fn make_code_lengths(len: &mut [u8], freq: &[u32], max_len: u8) {
     let alpha_size = freq.len();
     let mut heap = [0usize; MAX_ALPHA + 2];
