@@ -293,8 +293,16 @@ fn mtf_rle2(bwt: &[u8], in_use: &[bool; 256], out: &mut Vec<u16>, freq: &mut [u3
         } else {
             position_of(&order, c)
         };
-        order.copy_within(0..j, 1);
-        order[0] = c;
+        if j < 16 {
+            // The list's head in one register: bytes 0..j move up one, c goes in front.
+            let head = u128::from_le_bytes(order[..16].try_into().expect("16 bytes"));
+            let moved = u128::MAX >> (8 * (15 - j));
+            let head = ((head << 8) & moved) | (head & !moved) | u128::from(c);
+            order[..16].copy_from_slice(&head.to_le_bytes());
+        } else {
+            order.copy_within(0..j, 1);
+            order[0] = c;
+        }
         out.push(j as u16 + 1);
         freq[j + 1] += 1;
     }
