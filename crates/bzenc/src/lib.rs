@@ -496,8 +496,8 @@ fn make_code_lengths(len: &mut [u8], freq: &[u32], max_len: u8) {
         heap[0] = 0;
         weight[0] = 0;
         parent[0] = -2;
+        parent[1..=alpha_size].fill(-1);
         for i in 1..=alpha_size {
-            parent[i] = -1;
             n_heap += 1;
             heap[n_heap] = i;
             up_heap(&mut heap, &weight, n_heap);
