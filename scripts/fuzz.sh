@@ -16,7 +16,7 @@ secs=${1:-15}
 shift || true
 targets=("$@")
 all=0
-[ ${#targets[@]} -gt 0 ] || { all=1; targets=(image_name sha256sums unpack http_request fleet_report bunzip); }
+[ ${#targets[@]} -gt 0 ] || { all=1; targets=(image_name sha256sums unpack http_request fleet_report bunzip bzenc); }
 say() { echo "fuzz.sh: $*" >&2; }
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then

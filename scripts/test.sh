@@ -56,6 +56,7 @@ apt_needs=(
     minisign:minisign                             # signatures checked with the reference tool
     shellcheck:shellcheck                         # the scripts' lint test
     bunzip2:bzip2                                 # images open with the stock tools
+    lbzip2:lbzip2                                 # ... lbzip2 too (our encoder's tests)
     wget:wget                                     # the old boxes' updater
     curl:curl                                     # the demo and script tests
     python3:python3                               # the demo and scripts/lib.sh
