@@ -128,7 +128,7 @@ done
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
 phase "checking formatting and lints"
 cargo fmt --check
-cargo clippy --all-targets --all-features --quiet -- -D warnings
+cargo clippy --workspace --all-targets --all-features --quiet -- -D warnings
 phase "building the ARM box-updater for the Pi tests under qemu"
 bash scripts/build-pi.sh --debug --bin box-updater aarch64 armv7
 phase "building the static update-server for the container test (profile docker-test)"
