@@ -184,7 +184,8 @@ fn errors_say_what_to_do_and_are_printed_once() {
     let port = taken.local_addr().unwrap().port().to_string();
     let o = run(cmd(UPDATE_SERVER)
         .args(["--bind", "127.0.0.1", "--port", &port, "--dir"])
-        .arg(d.path())
+        // A directory of its own: the fleet's database goes beside it, inside the test's.
+        .arg(d.mkdir("updates"))
         .env_remove("BOX_UPDATE_SERVER_SETTINGS"));
     assert_eq!(o.status.code(), Some(1));
     let err = stderr(&o);
@@ -213,7 +214,7 @@ fn a_quoted_port_in_the_settings_variable_is_read_with_a_warning() {
             "BOX_UPDATE_SERVER_SETTINGS",
             format!(
                 r#"{{"port": "{port}", "bind": "127.0.0.1", "updates_dir": "{}"}}"#,
-                d.path().display()
+                d.mkdir("updates").display()
             ),
         )
         .env("RUST_LOG", "info")
