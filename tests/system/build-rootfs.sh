@@ -180,11 +180,15 @@ second_stage() {
     cat >"$root/opq-second-stage" <<STAGE
 #!/bin/sh
 # build-rootfs.sh: the second stage of a foreign debootstrap, then the trim, in the machine.
+# The first stage leaves /proc a link to the host's /proc (for a chroot there): here it loops.
+if [ -L /proc ]; then rm -f /proc; mkdir /proc; fi
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 ln -sfn /proc/self/fd /dev/fd
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin INITRD=No DEBIAN_FRONTEND=noninteractive
-if /debootstrap/debootstrap --second-stage && root_modules="$root_modules" bash /opq-trim; then
+# The second stage unmounts /proc when it ends; the trim needs it (/dev/fd).
+if /debootstrap/debootstrap --second-stage && { [ -e /proc/self ] || mount -t proc proc /proc; } &&
+    root_modules="$root_modules" bash /opq-trim; then
     echo "opq-second-stage: done"
 else
     tail -n 30 /debootstrap/debootstrap.log 2>/dev/null
