@@ -36,8 +36,9 @@ old = open(doc).read() if os.path.exists(doc) else ""
 out = ["# Benchmarks", "",
        f"Written by `scripts/bench.sh` ({cores} cores, {mem}, {arch}, {cpu}); each section says when it was run.",
        "Each comparison runs both sides in the same run on the same files; ratios are ours / peer's.", ""]
-# "profile" is written by hand (where the time and memory go), and kept.
-for part in ["build", "update", "profile", "server", "fleet"]:
+# "profile" (where the time and memory go) and "http-options" (the HTTP layer's decision, from
+# scripts/bench/http-options/compare.sh) are written by hand, and kept.
+for part in ["build", "update", "profile", "server", "http-options", "fleet"]:
     fresh = os.path.join(work, part + ".md")
     if os.path.exists(fresh):
         body = f"_Run on {day}._\n\n" + open(fresh).read().strip() + "\n"
