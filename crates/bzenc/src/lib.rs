@@ -162,7 +162,11 @@ fn bwt(block: &[u8], work: &mut Work) -> usize {
             orig_ptr = row;
         }
         // The byte before the text's start is its last.
-        let prev = if s == 0 { k + n - 1 } else { k + s as usize - 1 };
+        let prev = if s == 0 {
+            k + n - 1
+        } else {
+            k + s as usize - 1
+        };
         work.bwt.push(twice[prev]);
     }
     orig_ptr
@@ -407,7 +411,11 @@ fn send_mtf_values(mtfv: &[u16], freq: &[u32], w: &mut BitWriter) {
             break; // the same choices would rebuild the same tables: settled
         }
         for t in 0..n_groups {
-            make_code_lengths(&mut len[t][..alpha_size], &rfreq[t][..alpha_size], MAX_CODE_LEN);
+            make_code_lengths(
+                &mut len[t][..alpha_size],
+                &rfreq[t][..alpha_size],
+                MAX_CODE_LEN,
+            );
         }
     }
 
@@ -487,9 +495,8 @@ fn make_code_lengths(len: &mut [u8], freq: &[u32], max_len: u8) {
     for (i, &f) in freq.iter().enumerate() {
         weight[i + 1] = f.max(1) << 8;
     }
-    let add_weights = |a: u32, b: u32| {
-        ((a & 0xffff_ff00) + (b & 0xffff_ff00)) | (1 + (a & 0xff).max(b & 0xff))
-    };
+    let add_weights =
+        |a: u32, b: u32| ((a & 0xffff_ff00) + (b & 0xffff_ff00)) | (1 + (a & 0xff).max(b & 0xff));
     loop {
         let mut n_nodes = alpha_size;
         let mut n_heap = 0usize;
