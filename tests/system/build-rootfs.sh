@@ -216,7 +216,8 @@ STAGE
         while read -r mode name; do
             case $mode in
                 120*) ln -s "$(debugfs -R "stat \"/$name\"" "$img" 2>/dev/null | sed -n 's/^Fast link dest: "\(.*\)"$/\1/p')" "$root/$name" ;;
-                040*) debugfs -R "rdump \"/$name\" \"$root\"" "$img" >/dev/null 2>&1 ;;
+                # 04xxxx: a directory, with its sticky or set-id bits too (/tmp is 041777)
+                04*) debugfs -R "rdump \"/$name\" \"$root\"" "$img" >/dev/null 2>&1 ;;
                 *) debugfs -R "dump -p \"/$name\" \"$root/$name\"" "$img" >/dev/null 2>&1 ;;
             esac
         done
