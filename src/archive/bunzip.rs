@@ -6,6 +6,7 @@ pub use opq_bunzip::{Decoder, Error};
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archive::testdata::noise;
 
     type Result<T> = std::result::Result<T, Error>;
     use std::io::{Read, Write};
@@ -20,18 +21,6 @@ mod tests {
         let mut out = Vec::new();
         let used = Decoder::new().decode_stream(stream, &mut out, usize::MAX)?;
         Ok((out, used))
-    }
-
-    fn noise(len: usize, seed: u32) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect()
     }
 
     /// Text, runs of every length around the run-length thresholds, noise and a few symbols.

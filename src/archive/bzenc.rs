@@ -6,6 +6,7 @@ pub use opq_bzenc::{BLOCK_MAX, compress_block};
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::archive::testdata::noise;
     use std::io::{Read, Write};
     use std::process::{Command, Stdio};
 
@@ -80,18 +81,6 @@ mod tests {
             }
         }
         found
-    }
-
-    fn noise(len: usize, seed: u32) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 17;
-                x ^= x << 5;
-                x as u8
-            })
-            .collect()
     }
 
     fn text(len: usize) -> Vec<u8> {
