@@ -135,9 +135,9 @@ phase "building the static update-server for the container test (profile docker-
 bash scripts/docker-build.sh --binary-only --profile docker-test
 phase "building the tests"
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --all-targets --features fault-injection --no-run "$@"
+    cargo nextest run --workspace --all-targets --features fault-injection --no-run "$@"
 else
-    cargo test --all-targets --features fault-injection --no-run "$@"
+    cargo test --workspace --all-targets --features fault-injection --no-run "$@"
 fi
 
 # Every process the tests start inherits this marker, and their temp files live under run_tmp:
@@ -150,9 +150,9 @@ export OPQ_TEST_RUN=$run_id TMPDIR=$run_tmp
 status=0
 phase "running the tests"
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --all-targets --features fault-injection --no-fail-fast "$@" || status=1
+    cargo nextest run --workspace --all-targets --features fault-injection --no-fail-fast "$@" || status=1
 else
-    cargo test --all-targets --features fault-injection --no-fail-fast "$@" || status=1
+    cargo test --workspace --all-targets --features fault-injection --no-fail-fast "$@" || status=1
 fi
 if [ "${FUZZ_SECONDS:-15}" != 0 ]; then
     phase "fuzzing each target for ${FUZZ_SECONDS:-15} s (scripts/fuzz.sh)"

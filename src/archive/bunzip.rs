@@ -57,6 +57,14 @@ mod tests {
             (mixed(899_000, 5), 9),
             (noise(899_000, 11), 9),
             ((0..=255u8).cycle().take(100_001).collect(), 2),
+            // Periodic blocks (their rows from the origin form a short cycle), short blocks
+            // (fewer rows than the walk's start rows) and a periodic one cut mid-period.
+            (b"abc".repeat(50_000), 9),
+            (b"xy".repeat(7), 9),
+            (b"hello world".to_vec(), 9),
+            (noise(37, 5), 9),
+            (noise(4_000, 9).repeat(100), 9),
+            (b"power quality ".repeat(20_000)[..279_999].to_vec(), 3),
         ];
         for (data, level) in cases {
             let z = libbz2(&data, level);
