@@ -229,7 +229,7 @@ impl Http {
         part: &Path,
         max_size: u64,
         on_progress: &mut dyn FnMut(u64, Option<u64>),
-        tap: &mut dyn Tap,
+        tap: &mut (dyn Tap + Send),
         log: &dyn Fn(&str),
     ) -> Result<(String, u64), FetchError> {
         let meta_path = meta_path(part);
@@ -345,37 +345,64 @@ impl Http {
             .with_config()
             .limit(max_size.saturating_sub(offset))
             .reader();
-        let mut buf = vec![0u8; 128 * 1024];
         let mut done = offset;
         on_progress(done, total);
-        loop {
-            let n = match reader.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let _ = out.sync_data();
-                    return Err(FetchError::Transient(format!(
-                        "download interrupted at {done} bytes: {e}"
+        // The tap (the signature's BLAKE2b, the slowest of the checks) hears the bytes on a second
+        // core while this one receives, writes and takes the sha256: the download's time is then
+        // about that of its slowest step, not of all of them one after the other.
+        std::thread::scope(|scope| {
+            let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(TAP_BUFFERS);
+            let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+            scope.spawn(move || {
+                for b in full_rx {
+                    tap.update(&b);
+                    let _ = free_tx.send(b);
+                }
+            });
+            let mut made = 0;
+            loop {
+                let mut buf = match free_rx.try_recv() {
+                    Ok(b) => b,
+                    Err(_) if made < TAP_BUFFERS => {
+                        made += 1;
+                        vec![0u8; 128 * 1024]
+                    }
+                    Err(_) => free_rx
+                        .recv()
+                        .map_err(|_| FetchError::Permanent("the signature check stopped".into()))?,
+                };
+                buf.resize(128 * 1024, 0);
+                let n = match reader.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        let _ = out.sync_data();
+                        return Err(FetchError::Transient(format!(
+                            "download interrupted at {done} bytes: {e}"
+                        )));
+                    }
+                };
+                if let Err(e) = out.write_all(&buf[..n]) {
+                    // A full disk: nothing half-written is kept.
+                    let _ = std::fs::remove_file(part);
+                    let _ = std::fs::remove_file(&meta_path);
+                    return Err(FetchError::Permanent(format!(
+                        "cannot write the download {}: {e}",
+                        part.display()
                     )));
                 }
-            };
-            if let Err(e) = out.write_all(&buf[..n]) {
-                // A full disk: nothing half-written is kept.
-                drop(out);
-                let _ = std::fs::remove_file(part);
-                let _ = std::fs::remove_file(&meta_path);
-                return Err(FetchError::Permanent(format!(
-                    "cannot write the download {}: {e}",
-                    part.display()
-                )));
+                hasher.update(&buf[..n]);
+                buf.truncate(n);
+                full_tx
+                    .send(buf)
+                    .map_err(|_| FetchError::Permanent("the signature check stopped".into()))?;
+                done += n as u64;
+                crate::updater::fault::point_at("download", done);
+                on_progress(done, total);
             }
-            hasher.update(&buf[..n]);
-            tap.update(&buf[..n]);
-            done += n as u64;
-            crate::updater::fault::point_at("download", done);
-            on_progress(done, total);
-        }
+            Ok(())
+        })?;
         out.sync_all()
             .map_err(|e| FetchError::Permanent(format!("cannot write {}: {e}", part.display())))?;
         if let Some(t) = total
@@ -402,7 +429,10 @@ impl Tap for () {
     fn update(&mut self, _: &[u8]) {}
 }
 
-struct HashSink<'a>(&'a mut Sha256, &'a mut dyn Tap);
+/// Buffers of the download in flight between the receiving thread and the tap's.
+const TAP_BUFFERS: usize = 4;
+
+struct HashSink<'a>(&'a mut Sha256, &'a mut (dyn Tap + Send));
 impl Write for HashSink<'_> {
     fn write(&mut self, b: &[u8]) -> io::Result<usize> {
         self.0.update(b);
