@@ -4,6 +4,8 @@
 //! `OPQ_FAULT_TRACE=FILE` writes `opq-fault-point: name` to FILE as each named point is passed,
 //! before anything else happens there (the virtual box's power cuts use `/dev/console`: the
 //! serial console tells the harness, with no journal in between, which step an update is at).
+//! `OPQ_FAULT_SLOW=name:MS` sleeps MS milliseconds at each progress point of that name, so that a
+//! test watching a step from outside sees it however fast the machine does it.
 
 #[cfg(feature = "fault-injection")]
 mod imp {
@@ -54,7 +56,22 @@ mod imp {
         }
     }
 
+    fn slow() -> Option<&'static (String, u64)> {
+        static SLOW: OnceLock<Option<(String, u64)>> = OnceLock::new();
+        SLOW.get_or_init(|| {
+            let v = std::env::var("OPQ_FAULT_SLOW").ok()?;
+            let (n, ms) = v.split_once(':')?;
+            Some((n.to_string(), ms.parse().ok()?))
+        })
+        .as_ref()
+    }
+
     pub fn point_at(name: &str, progress: u64) {
+        if let Some((n, ms)) = slow()
+            && n == name
+        {
+            std::thread::sleep(std::time::Duration::from_millis(*ms));
+        }
         if let Some((n, Some(at))) = spec()
             && n == name
             && progress >= *at
