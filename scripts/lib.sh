@@ -25,3 +25,36 @@ wait_http() {
     echo "$(basename "$0"): $1 never answered" >&2
     exit 1
 }
+
+# nginx.conf for serving ROOT the way update-server does (`/version`, `/update/<name>`), as
+# Debian's nginx.conf ships (sendfile, TCP_CORK, an access log line per request), its files under
+# DIR: nginx_conf DIR ROOT PORT CONNECTIONS [LISTEN_OPTIONS]. CONNECTIONS is each worker's
+# connection limit and its open-file limit.
+nginx_conf() {
+    local dir=$1 root=$2 port=$3 conns=$4 listen_opts=${5:-}
+    cat <<CONF
+daemon off;
+worker_processes auto;
+worker_rlimit_nofile $conns;
+pid $dir/nginx.pid;
+error_log $dir/error.log;
+events { worker_connections $conns; }
+http {
+    sendfile on;
+    tcp_nopush on;
+    access_log $dir/access.log;
+    client_body_temp_path $dir/body;
+    proxy_temp_path $dir/proxy;
+    fastcgi_temp_path $dir/fastcgi;
+    uwsgi_temp_path $dir/uwsgi;
+    scgi_temp_path $dir/scgi;
+    default_type application/octet-stream;
+    server {
+        listen 127.0.0.1:$port${listen_opts:+ $listen_opts};
+        root $root;
+        location = /version { default_type text/plain; }
+        location /update/ { alias $root/; }
+    }
+}
+CONF
+}

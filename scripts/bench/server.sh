@@ -59,31 +59,7 @@ done
 [ -n "$ours_port" ] || { echo "server.sh: update-server did not start:" >&2; cat "$work/ours.log" >&2; exit 1; }
 
 nginx_port=$(free_port)
-cat >"$work/nginx/nginx.conf" <<EOF
-daemon off;
-worker_processes auto;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log;
-events { worker_connections 1024; }
-http {
-    # As Debian's nginx.conf ships: sendfile and TCP_CORK, an access log line per request.
-    sendfile on;
-    tcp_nopush on;
-    access_log $work/nginx/access.log;
-    client_body_temp_path $work/nginx/body;
-    proxy_temp_path $work/nginx/proxy;
-    fastcgi_temp_path $work/nginx/fastcgi;
-    uwsgi_temp_path $work/nginx/uwsgi;
-    scgi_temp_path $work/nginx/scgi;
-    default_type application/octet-stream;
-    server {
-        listen 127.0.0.1:$nginx_port;
-        root $work/updates;
-        location = /version { default_type text/plain; }
-        location /update/ { alias $work/updates/; }
-    }
-}
-EOF
+nginx_conf "$work/nginx" "$work/updates" "$nginx_port" 1024 >"$work/nginx/nginx.conf"
 "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" 2>"$work/nginx/stderr.log" &
 nginx_pid=$!
 pids+=("$nginx_pid")

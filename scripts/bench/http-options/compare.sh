@@ -53,31 +53,7 @@ start() { # name -> pid, port (globals)
     hyper-mt) "$hyper_bin" "127.0.0.1:$port" "$work/updates" --threads 2 2>"$work/$1.log" & ;;
     hyper-ct) "$hyper_bin" "127.0.0.1:$port" "$work/updates" --threads 1 2>"$work/$1.log" & ;;
     nginx)
-        cat >"$work/nginx/nginx.conf" <<EOF
-daemon off;
-worker_processes auto;
-worker_rlimit_nofile $hard;
-pid $work/nginx/nginx.pid;
-error_log $work/nginx/error.log;
-events { worker_connections $hard; }
-http {
-    sendfile on;
-    tcp_nopush on;
-    access_log $work/nginx/access.log;
-    client_body_temp_path $work/nginx/body;
-    proxy_temp_path $work/nginx/proxy;
-    fastcgi_temp_path $work/nginx/fastcgi;
-    uwsgi_temp_path $work/nginx/uwsgi;
-    scgi_temp_path $work/nginx/scgi;
-    default_type application/octet-stream;
-    server {
-        listen 127.0.0.1:$port backlog=4096;
-        root $work/updates;
-        location = /version { default_type text/plain; }
-        location /update/ { alias $work/updates/; }
-    }
-}
-EOF
+        nginx_conf "$work/nginx" "$work/updates" "$port" "$hard" backlog=4096 >"$work/nginx/nginx.conf"
         "$nginx_bin" -c "$work/nginx/nginx.conf" -e "$work/nginx/error.log" 2>"$work/nginx/stderr.log" &
         ;;
     esac
