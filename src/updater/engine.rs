@@ -578,6 +578,34 @@ impl Engine {
     }
 }
 
+/// Wakes a waiter as soon as a child exits: a pidfd turns readable then, so an install script's
+/// end is seen at once rather than at the next tick of a polling loop (up to 50 ms per update).
+/// Kernels before 5.3 have no pidfd: there it sleeps in short steps.
+struct ExitWatch(Option<std::os::fd::OwnedFd>);
+
+impl ExitWatch {
+    fn new(child: &std::process::Child) -> Self {
+        use std::os::fd::FromRawFd;
+        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        // SAFETY: a non-negative result is a descriptor this process now owns.
+        ExitWatch((fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }))
+    }
+
+    /// Returns when the child has exited or after `most`, whichever is first.
+    fn wait(&self, most: Duration) {
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        use std::os::fd::AsFd;
+        match &self.0 {
+            Some(fd) => {
+                let t = PollTimeout::try_from(most).unwrap_or(PollTimeout::MAX);
+                let _ = poll(&mut [PollFd::new(fd.as_fd(), PollFlags::POLLIN)], t);
+            }
+            None => std::thread::sleep(most.min(Duration::from_millis(10))),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -607,33 +635,5 @@ mod tests {
         engine
             .run_logged("the check", ok, Duration::from_secs(10))
             .unwrap();
-    }
-}
-
-/// Wakes a waiter as soon as a child exits: a pidfd turns readable then, so an install script's
-/// end is seen at once rather than at the next tick of a polling loop (up to 50 ms per update).
-/// Kernels before 5.3 have no pidfd: there it sleeps in short steps.
-struct ExitWatch(Option<std::os::fd::OwnedFd>);
-
-impl ExitWatch {
-    fn new(child: &std::process::Child) -> Self {
-        use std::os::fd::FromRawFd;
-        // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
-        // SAFETY: a non-negative result is a descriptor this process now owns.
-        ExitWatch((fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }))
-    }
-
-    /// Returns when the child has exited or after `most`, whichever is first.
-    fn wait(&self, most: Duration) {
-        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-        use std::os::fd::AsFd;
-        match &self.0 {
-            Some(fd) => {
-                let t = PollTimeout::try_from(most).unwrap_or(PollTimeout::MAX);
-                let _ = poll(&mut [PollFd::new(fd.as_fd(), PollFlags::POLLIN)], t);
-            }
-            None => std::thread::sleep(most.min(Duration::from_millis(10))),
-        }
     }
 }
