@@ -254,7 +254,8 @@ if [ ! -f "$base" ]; then
         in_root env root_modules="$root_modules" bash -c "$(declare -f trim); set -euo pipefail; trim"
         umount_api
     else
-        second_stage
+        # (mkfs.ext4 tells on stdout that it creates the image file; stdout is for the path.)
+        second_stage >&2
     fi
     tar -C "$root" --numeric-owner -cf "$base.tmp" .
     mv "$base.tmp" "$base"
