@@ -157,9 +157,12 @@ INIT
 }
 
 # A foreign architecture's debootstrap ends in the machine itself (no binfmt_misc on the host):
-# the tree boots under qemu with its own kernel, runs the second stage and `trim`, and powers off.
+# the tree boots under qemu with its own kernel, runs the second stage and `trim`, writes the
+# tree as a tar to a second disk and powers off. (The tree once came back out of the ext4 image
+# through debugfs, which lost set-uid bits, device nodes and hard links: tar, run where the
+# tree is, keeps every mode, owner and link.)
 second_stage() {
-    local kver img log boot debs m ko
+    local kver img tree log boot debs m ko entries
     # The kernel and busybox are only unpacked by the second stage: take them from their packages.
     boot="$work/stage2-boot"
     debs="$root/var/cache/apt/archives"
@@ -186,10 +189,17 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 ln -sfn /proc/self/fd /dev/fd
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin INITRD=No DEBIAN_FRONTEND=noninteractive
-# The second stage unmounts /proc when it ends; the trim needs it (/dev/fd).
+# The second stage unmounts /proc when it ends; the trim needs it (/dev/fd). The tar reads the
+# tree through a bind mount of /, which shows what lies under /dev, /proc and /sys (debootstrap's
+# device nodes) and nothing mounted there; its list of entries, on a tmpfs, is counted for the
+# host, which checks that its tar holds as many.
 if /debootstrap/debootstrap --second-stage && { [ -e /proc/self ] || mount -t proc proc /proc; } &&
-    root_modules="$root_modules" bash /opq-trim; then
-    echo "opq-second-stage: done"
+    root_modules="$root_modules" bash /opq-trim &&
+    mkdir -p /mnt && mount --bind / /mnt && mount -t tmpfs tmpfs /tmp &&
+    tar -C /mnt --numeric-owner --xattrs --xattrs-include='*' \
+        --anchored --exclude=./opq-second-stage --exclude=./opq-trim --exclude=./lost+found \
+        -cvf /dev/vdb . >/tmp/opq-tree.list && sync; then
+    echo "opq-second-stage: done, \$(wc -l </tmp/opq-tree.list) entries"
 else
     tail -n 30 /debootstrap/debootstrap.log 2>/dev/null
     echo "opq-second-stage: failed"
@@ -201,29 +211,29 @@ STAGE
     chmod 0755 "$root/opq-second-stage"
     img="$work/stage2.img"
     mkfs.ext4 -q -F -d "$root" "$img" "$(( $(du -sm "$root" | cut -f1) + 1536 ))M"
+    # The disk the tar goes to, raw (sparse): as large as the image that holds the tree.
+    tree="$work/stage2-tree.tar"
+    truncate -s "$(stat -c %s "$img")" "$tree"
     log="$PWD/target/system/second-stage-$arch.log"
     echo "build-rootfs: second stage under qemu-system-aarch64 (console: $log)" >&2
     timeout 7200 qemu-system-aarch64 -accel tcg,thread=multi -machine virt -cpu cortex-a72 -m 1024 -smp 2 \
         -nodefaults -no-user-config -display none -no-reboot \
         -kernel "$boot/boot/vmlinuz-$kver" -initrd "$work/stage2-initrd.img" \
         -append "console=ttyAMA0 root=/dev/vda opq.data=none opq.init=/opq-second-stage" \
-        -drive "file=$img,format=raw,if=virtio,cache=unsafe" -serial "file:$log" </dev/null >&2 || true
-    grep -q "opq-second-stage: done" "$log" || { tail -n 40 "$log" >&2; echo "build-rootfs: the second stage failed" >&2; exit 1; }
-    # The tree back out of the image, entry by entry (debugfs keeps owners and modes).
+        -drive "file=$img,format=raw,if=virtio,cache=unsafe" -drive "file=$tree,format=raw,if=virtio,cache=unsafe" \
+        -serial "file:$log" </dev/null >&2 || true
+    entries=$(sed -n 's/.*opq-second-stage: done, \([0-9]*\) entries.*/\1/p' "$log")
+    [ -n "$entries" ] || { tail -n 40 "$log" >&2; echo "build-rootfs: the second stage failed" >&2; exit 1; }
+    # The tree back out of the tar (it ends with its end-of-archive blocks; zeros follow), as
+    # many entries as went in: a tar cut short would be read as a shorter one.
+    [ "$(tar -tf "$tree" | wc -l)" -eq "$entries" ] ||
+        { echo "build-rootfs: the tar on the second disk does not hold the $entries entries written in the machine" >&2; exit 1; }
     rm -rf "$root"
     mkdir -p "$root"
-    debugfs -R "ls -p /" "$img" 2>/dev/null | awk -F/ 'NF > 5 && $6 != "." && $6 != ".." && $6 != "lost+found" { print $3, $6 }' |
-        while read -r mode name; do
-            case $mode in
-                120*) ln -s "$(debugfs -R "stat \"/$name\"" "$img" 2>/dev/null | sed -n 's/^Fast link dest: "\(.*\)"$/\1/p')" "$root/$name" ;;
-                # 04xxxx: a directory, with its sticky or set-id bits too (/tmp is 041777)
-                04*) debugfs -R "rdump \"/$name\" \"$root\"" "$img" >/dev/null 2>&1 ;;
-                *) debugfs -R "dump -p \"/$name\" \"$root/$name\"" "$img" >/dev/null 2>&1 ;;
-            esac
-        done
-    rm -f "$root/opq-second-stage" "$root/opq-trim"
+    tar -C "$root" --numeric-owner --xattrs --xattrs-include='*' -xpf "$tree"
+    rm -f "$img" "$tree"
     if [ ! -x "$root/usr/bin/sudo" ] || [ ! -d "$root/usr/lib/modules/$kver" ]; then
-        echo "build-rootfs: the tree did not come back out of $img" >&2
+        echo "build-rootfs: the tree did not come back out of the second stage's tar" >&2
         exit 1
     fi
 }
@@ -244,7 +254,8 @@ if [ ! -f "$base" ]; then
         in_root env root_modules="$root_modules" bash -c "$(declare -f trim); set -euo pipefail; trim"
         umount_api
     else
-        second_stage
+        # (mkfs.ext4 tells on stdout that it creates the image file; stdout is for the path.)
+        second_stage >&2
     fi
     tar -C "$root" --numeric-owner -cf "$base.tmp" .
     mv "$base.tmp" "$base"
@@ -322,6 +333,12 @@ else
     cp "$root/boot/vmlinuz-$kver" "$work/out/vmlinuz"
 fi
 rm -f "$root"/boot/vmlinuz-* "$root"/boot/config-*
+# The old updater runs `sudo ./install_update.sh`: sudo refuses to run unless it is set-uid root,
+# which a tree carried out of a foreign machine once lost without a word.
+if [ ! -u "$root/usr/bin/sudo" ] || [ "$(stat -c %u "$root/usr/bin/sudo")" != 0 ]; then
+    echo "build-rootfs: $root/usr/bin/sudo is not set-uid root ($(stat -c '%A %u:%g' "$root/usr/bin/sudo")): the tree lost its modes" >&2
+    exit 1
+fi
 size_mib=$(( $(du -sm "$root" | cut -f1) + 256 ))
 mkfs.ext4 -q -F -L opqroot -d "$root" "$work/out/root.img" "${size_mib}M" >&2
 {
