@@ -351,11 +351,13 @@ impl Http {
         // core while this one receives, writes and takes the sha256: the download's time is then
         // about that of its slowest step, not of all of them one after the other.
         std::thread::scope(|scope| {
-            let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(TAP_BUFFERS);
+            // Each buffer goes over with the length of what it holds: it keeps its full size, so
+            // it is never zeroed again on its way back.
+            let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, usize)>(TAP_BUFFERS);
             let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
             scope.spawn(move || {
-                for b in full_rx {
-                    tap.update(&b);
+                for (b, n) in full_rx {
+                    tap.update(&b[..n]);
                     let _ = free_tx.send(b);
                 }
             });
@@ -371,7 +373,6 @@ impl Http {
                         .recv()
                         .map_err(|_| FetchError::Permanent("the signature check stopped".into()))?,
                 };
-                buf.resize(128 * 1024, 0);
                 let n = match reader.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => n,
@@ -393,9 +394,8 @@ impl Http {
                     )));
                 }
                 hasher.update(&buf[..n]);
-                buf.truncate(n);
                 full_tx
-                    .send(buf)
+                    .send((buf, n))
                     .map_err(|_| FetchError::Permanent("the signature check stopped".into()))?;
                 done += n as u64;
                 crate::updater::fault::point_at("download", done);
